@@ -1,0 +1,50 @@
+"""Helpers shared by the suites that drive the lab."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LAB_NAMES = ["redis1", "worker1", "worker2", "client1", "monitor1"]
+
+
+def lab(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the `lab` command as a user would, from the repository root."""
+    result = subprocess.run(
+        [str(BIN / "lab"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(
+            f"lab {' '.join(args)} failed ({result.returncode}):\n{result.stderr}{result.stdout}"
+        )
+    return result
+
+
+def lab_status() -> dict[str, dict]:
+    return {row["name"]: row for row in json.loads(lab("status", "--json").stdout)}
+
+
+def on(
+    host: str, command: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a shell command inside a lab machine (nsenter: works even when it is cut off)."""
+    result = lab("exec", host, "--", "sh", "-c", command, check=False, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"{host}$ {command} -> {result.returncode}:\n{result.stderr}{result.stdout}")
+    return result
+
+
+def ssh(host: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command over SSH, the way Ansible reaches the machine."""
+    return lab("ssh", host, "--", command, check=False, timeout=timeout)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# `make test`: lint, then the suites that need the lab, on a fresh lab that is torn down
+# even when a test fails. Prints one closing line totalling every pytest run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=.venv/bin
+REPORTS=$(mktemp -d)
+status=0
+
+step() { printf '\n==> %s\n' "$*"; }
+
+suite() { # suite NAME PYTEST-ARGS...
+  local name=$1; shift
+  step "pytest: $name"
+  "$BIN/python" -m pytest -p no:cacheprovider --junitxml="$REPORTS/$name.xml" "$@" || status=1
+}
+
+teardown() {
+  step "lab down"
+  "$BIN/lab" down || status=1
+}
+
+step lint
+make --no-print-directory lint || status=1
+
+for app_suite in tests/app; do
+  [ -d "$app_suite" ] && suite app "$app_suite"
+done
+
+step "lab up (fresh)"
+"$BIN/lab" down
+trap teardown EXIT
+if "$BIN/lab" up; then
+  suite lab tests/lab
+  [ -d tests/fleet ] && suite fleet tests/fleet
+else
+  status=1
+fi
+trap - EXIT
+teardown
+suite teardown tests/teardown
+
+"$BIN/python" - "$REPORTS" <<'PY'
+import pathlib, sys, xml.etree.ElementTree as ET
+totals = dict(tests=0, failures=0, errors=0, skipped=0)
+for report in pathlib.Path(sys.argv[1]).glob("*.xml"):
+    for suite in ET.parse(report).getroot().iter("testsuite"):
+        for key in totals:
+            totals[key] += int(suite.get(key, 0))
+failed = totals["failures"] + totals["errors"]
+passed = totals["tests"] - failed - totals["skipped"]
+print(f"\ntotal: {passed} passed, {failed} failed, {totals['skipped']} skipped")
+PY
+rm -rf "$REPORTS"
+exit $status
