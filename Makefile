@@ -8,7 +8,7 @@ PY        := $(BIN)/python
 LAB       := $(BIN)/lab
 STAMP     := $(VENV)/.setup-stamp
 DEB_PKGS  := debootstrap systemd-container iproute2 apt-cacher-ng openssh-client redis-server nftables curl
-SETUP_INPUTS := ansible/requirements.in ansible/constraints.txt ansible/lab/pyproject.toml $(wildcard app/pyproject.toml)
+SETUP_INPUTS := ansible/requirements.in ansible/constraints.txt ansible/lab/pyproject.toml app/pyproject.toml
 
 .PHONY: help setup demo test lint lab-up lab-down bench bench-app deploy clean
 
@@ -26,7 +26,7 @@ $(STAMP): $(SETUP_INPUTS)
 	fi
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q -c ansible/constraints.txt -r ansible/requirements.in
-	$(BIN)/pip install -q -c ansible/constraints.txt -e ansible/lab $(if $(wildcard app/pyproject.toml),-e app)
+	$(BIN)/pip install -q -c ansible/constraints.txt -e ansible/lab -e app
 	@touch $@
 
 demo: setup ## The main job: lab up, deploy site.yml, run the tutorial's fan-out from client1

@@ -1,0 +1,48 @@
+"""Network-bound tasks (routed to the network queue, run by gevent workers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+from celery.result import AsyncResult
+
+from fleetapp.fetching import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_TIMEOUT,
+    RETRIES,
+    FetchResult,
+    backoff,
+    fetch_once,
+    validate_url,
+)
+
+
+class FetchTask(Task):
+    """Validates the URL on the sending side too, so a bad URL never gets enqueued."""
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        url = args[0] if args else (kwargs or {}).get("url")
+        validate_url(url)
+        return super().apply_async(args, kwargs, **options)
+
+
+@shared_task(bind=True, base=FetchTask, name="fleetapp.fetch_url", max_retries=RETRIES)
+def fetch_url(
+    self: Task,
+    url: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> FetchResult:
+    """Fetch one URL; returns a FetchResult dict (errors included), never raises for bad input."""
+    worker = self.request.hostname or "unknown"
+    result, retryable = fetch_once(url, timeout=timeout, max_bytes=max_bytes, worker=worker)
+    if retryable and self.request.retries < self.max_retries:
+        # Re-queued with a countdown: the pool slot is free while we wait.
+        raise self.retry(countdown=backoff(self.request.retries))
+    return result

@@ -1,0 +1,143 @@
+"""fleetapp.config: exact variable names, quoting, validation messages."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+from fleetapp.celeryconfig import celery_config
+from fleetapp.config import ConfigError, load_settings, redact_url
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> dict[str, str]:
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    return {"FLEETAPP_ENV_FILE": str(empty), "FLEETAPP_BROKER_URL": "redis://198.18.0.10:6379/0"}
+
+
+def test_defaults(base):
+    s = load_settings(base)
+    assert s.broker_url == "redis://198.18.0.10:6379/0"
+    assert s.result_backend == s.broker_url
+    assert (s.task_time_limit, s.task_soft_time_limit, s.visibility_timeout) == (300, 270, 3600)
+    assert (s.default_queue, s.network_queue) == ("default", "network")
+    assert s.ssl_options is None
+
+
+def test_credentials_are_quoted_into_both_urls(base):
+    password = "p@ss:w/rd%#?"
+    s = load_settings(
+        {
+            **base,
+            "FLEETAPP_RESULT_BACKEND": "redis://198.18.0.11:6379/1",
+            "FLEETAPP_REDIS_USERNAME": "fleet",
+            "FLEETAPP_REDIS_PASSWORD": password,
+        }
+    )
+    quoted = "p%40ss%3Aw%2Frd%25%23%3F"
+    assert s.broker_url == f"redis://fleet:{quoted}@198.18.0.10:6379/0"
+    assert s.result_backend == f"redis://fleet:{quoted}@198.18.0.11:6379/1"
+    # What Celery/kombu parse back is the original password.
+    from kombu.utils.url import url_to_parts
+
+    parts = url_to_parts(s.broker_url)
+    assert (parts.username, parts.password, parts.hostname, parts.port) == (
+        "fleet",
+        password,
+        "198.18.0.10",
+        6379,
+    )
+    assert password not in repr(s) and quoted not in repr(s)
+    assert redact_url(s.broker_url) == "redis://198.18.0.10:6379/0"
+
+
+def test_variables_win_over_credentials_in_the_url(base):
+    s = load_settings(
+        {
+            **base,
+            "FLEETAPP_BROKER_URL": "redis://old:oldpw@h:6379/0",
+            "FLEETAPP_REDIS_PASSWORD": "new",
+        }
+    )
+    assert s.broker_url == "redis://old:new@h:6379/0"
+    s = load_settings({**base, "FLEETAPP_BROKER_URL": "redis://old:oldpw@h:6379/0"})
+    assert s.broker_url == "redis://old:oldpw@h:6379/0"
+
+
+def test_tls_and_ca_file(base, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("dummy")
+    s = load_settings({**base, "FLEETAPP_REDIS_TLS": "true", "FLEETAPP_REDIS_CA_FILE": str(ca)})
+    assert s.broker_url.startswith("rediss://") and s.result_backend.startswith("rediss://")
+    assert s.ssl_options == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca)}
+    conf = celery_config(s)
+    assert conf["broker_use_ssl"] == conf["redis_backend_use_ssl"] == s.ssl_options
+
+
+@pytest.mark.parametrize(
+    ("extra", "variable"),
+    [
+        ({"FLEETAPP_TASK_TIME_LIMIT": "abc"}, "FLEETAPP_TASK_TIME_LIMIT"),
+        ({"FLEETAPP_TASK_TIME_LIMIT": "0"}, "FLEETAPP_TASK_TIME_LIMIT"),
+        ({"FLEETAPP_TASK_SOFT_TIME_LIMIT": "400"}, "FLEETAPP_TASK_SOFT_TIME_LIMIT"),
+        ({"FLEETAPP_VISIBILITY_TIMEOUT": "300"}, "FLEETAPP_VISIBILITY_TIMEOUT"),
+        (
+            {"FLEETAPP_TASK_TIME_LIMIT": "4000", "FLEETAPP_TASK_SOFT_TIME_LIMIT": "100"},
+            "FLEETAPP_VISIBILITY_TIMEOUT",
+        ),
+        ({"FLEETAPP_REDIS_TLS": "maybe"}, "FLEETAPP_REDIS_TLS"),
+        ({"FLEETAPP_REDIS_CA_FILE": "/nonexistent.pem"}, "FLEETAPP_REDIS_CA_FILE"),
+        (
+            {"FLEETAPP_REDIS_TLS": "true", "FLEETAPP_REDIS_CA_FILE": "/nonexistent.pem"},
+            "FLEETAPP_REDIS_CA_FILE",
+        ),
+        ({"FLEETAPP_BROKER_URL": "amqp://h/"}, "FLEETAPP_BROKER_URL"),
+        ({"FLEETAPP_BROKER_URL": "redis://h:notaport/0"}, "FLEETAPP_BROKER_URL"),
+        ({"FLEETAPP_RESULT_BACKEND": "redis:///0"}, "FLEETAPP_RESULT_BACKEND"),
+        ({"FLEETAPP_NETWORK_QUEUE": "bad queue"}, "FLEETAPP_NETWORK_QUEUE"),
+        ({"FLEETAPP_ENV_FILE": "/nonexistent/fleetapp.env"}, "FLEETAPP_ENV_FILE"),
+    ],
+)
+def test_invalid_values_name_the_variable(base, extra, variable):
+    with pytest.raises(ConfigError) as info:
+        load_settings({**base, **extra})
+    message = str(info.value)
+    assert message.startswith(variable), message
+    assert "\n" not in message
+
+
+def test_env_file_loaded_and_real_environment_wins(tmp_path):
+    env_file = tmp_path / "fleetapp.env"
+    env_file.write_text(
+        "# written by the fleetapp role\n"
+        "FLEETAPP_BROKER_URL=redis://10.0.0.1:6379/0\n"
+        "export FLEETAPP_NETWORK_QUEUE='net'\n"
+        'FLEETAPP_REDIS_PASSWORD="from file"\n'
+        "FLEETAPP_TASK_TIME_LIMIT=100\n"
+    )
+    s = load_settings({"FLEETAPP_ENV_FILE": str(env_file), "FLEETAPP_TASK_TIME_LIMIT": "200"})
+    assert s.broker_url == "redis://:from%20file@10.0.0.1:6379/0"
+    assert s.network_queue == "net"
+    assert s.task_time_limit == 200
+    assert s.task_soft_time_limit == 180
+
+
+def test_celery_settings(base):
+    conf = celery_config(load_settings({**base, "FLEETAPP_VISIBILITY_TIMEOUT": "7200"}))
+    assert conf["accept_content"] == conf["result_accept_content"] == ["json"]
+    assert conf["task_serializer"] == conf["result_serializer"] == "json"
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["worker_send_task_events"] and conf["task_send_sent_event"]
+    assert conf["broker_transport_options"]["visibility_timeout"] == 7200
+    assert conf["result_backend_transport_options"]["visibility_timeout"] == 7200
+    assert conf["broker_transport_options"]["socket_timeout"] > 0
+    assert conf["task_routes"] == {"fleetapp.fetch_url": {"queue": "network"}}
+    assert conf["task_default_queue"] == "default"
+    # Each queue has its own binding: nothing routed to one queue is copied into the other.
+    assert {(q.name, q.exchange.name, q.routing_key) for q in conf["task_queues"]} == {
+        ("default", "default", "default"),
+        ("network", "network", "network"),
+    }
