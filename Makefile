@@ -8,6 +8,7 @@ PY        := $(BIN)/python
 LAB       := $(BIN)/lab
 STAMP     := $(VENV)/.setup-stamp
 DEB_PKGS  := debootstrap systemd-container iproute2 apt-cacher-ng openssh-client redis-server nftables curl
+TUTORIAL_URLS := $(foreach i,1 2 3 4 5,http://198.18.0.1:8080/tutorial/$(i))
 SETUP_INPUTS := ansible/requirements.in ansible/constraints.txt ansible/lab/pyproject.toml app/pyproject.toml
 
 .PHONY: help setup demo test lint lab-up lab-down bench bench-app deploy clean
@@ -31,7 +32,10 @@ $(STAMP): $(SETUP_INPUTS)
 
 demo: setup ## The main job: lab up, deploy site.yml, run the tutorial's fan-out from client1
 	$(LAB) up
-	$(BIN)/ansible all -m ansible.builtin.ping
+	$(BIN)/ansible-playbook site.yml
+	@echo "==> The tutorial's five URLs from client1: sequentially, then fanned out over the workers"
+	$(LAB) ssh client1 -- fleetapp fetch --compare $(TUTORIAL_URLS)
+	@$(BIN)/ansible-playbook playbooks/summary.yml | sed -n '/msg:/,/^$$/p'
 
 test: setup ## Every test: lint, app tests, lab and deployment tests on a fresh lab (torn down after)
 	bash tests/run.sh

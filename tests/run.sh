@@ -5,6 +5,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=.venv/bin
+# testinfra's Ansible backend calls ansible-inventory from PATH.
+export PATH="$PWD/$BIN:$PATH"
 REPORTS=$(mktemp -d)
 status=0
 

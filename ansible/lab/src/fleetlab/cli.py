@@ -117,6 +117,9 @@ def dispatch(lab: Lab, args: argparse.Namespace) -> int:
                 raise LabError("usage: lab exec HOST -- CMD...")
             return lab.exec(args.name, cmd).returncode
         ssh_args = lab.ssh_args(args.name)
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            # A terminal for the remote command too, so progress bars and colours show.
+            ssh_args.insert(1, "-t")
         os.execvp(ssh_args[0], [*ssh_args, *cmd])
     if command == "status":
         return _status(lab, args.json)

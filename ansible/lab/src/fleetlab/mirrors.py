@@ -75,7 +75,12 @@ def mirrors(config: LabConfig) -> list[Mirror]:
                 "300",
                 "proxpi.server:app",
             ],
-            env={"PROXPI_CACHE_DIR": str(config.cache_dir / "pypi")},
+            env={
+                "PROXPI_CACHE_DIR": str(config.cache_dir / "pypi"),
+                # By default proxpi redirects to the upstream file host when a download takes
+                # over 0.9 s; lab machines cannot reach it, so always wait and serve it.
+                "PROXPI_DOWNLOAD_TIMEOUT": "600",
+            },
             marker="proxpi.server:app",
         ),
         Mirror(

@@ -1,0 +1,54 @@
+"""The deployment suite: site.yml converges the lab once, then every test looks at the result."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, REPO
+
+SECRETS = Path(os.environ.get("HOME", "/root")) / ".celery-fleet" / "secrets" / "lab"
+RECAP = re.compile(
+    r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
+)
+
+
+def playbook(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "ansible-playbook"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"},
+    )
+
+
+def recap(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, int]]:
+    return {
+        host: {
+            "ok": int(ok),
+            "changed": int(changed),
+            "unreachable": int(unr),
+            "failed": int(failed),
+        }
+        for host, ok, changed, unr, failed in RECAP.findall(result.stdout)
+    }
+
+
+def secret(name: str) -> str:
+    return (SECRETS / name).read_text().strip()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deployed() -> subprocess.CompletedProcess[str]:
+    """One converge of the whole topology; every test in this suite depends on it."""
+    result = playbook("site.yml")
+    if result.returncode != 0:
+        pytest.fail(f"site.yml failed:\n{result.stdout[-8000:]}\n{result.stderr[-2000:]}")
+    return result

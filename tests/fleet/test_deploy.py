@@ -1,0 +1,77 @@
+"""site.yml as a whole: syntax, idempotence, check mode, and the preflight's refusals."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.fleet.conftest import playbook, recap
+
+LAB_INVENTORY = REPO / "inventory" / "lab"
+
+
+def test_syntax_check():
+    result = playbook("site.yml", "--syntax-check")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_second_run_changes_nothing(deployed):
+    result = playbook("site.yml")
+    assert result.returncode == 0, result.stdout[-6000:]
+    hosts = recap(result)
+    assert set(hosts) >= {"redis1", "worker1", "worker2", "client1", "monitor1"}
+    changed = {host: counts["changed"] for host, counts in hosts.items() if counts["changed"]}
+    assert changed == {}, result.stdout[-6000:]
+
+
+def test_check_mode_succeeds(deployed):
+    result = playbook("site.yml", "--check")
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert all(counts["failed"] == 0 for counts in recap(result).values())
+
+
+def bad_inventory(tmp_path, edit) -> str:
+    """A copy of the lab inventory with one edit; group_vars shared with the real one."""
+    inventory = yaml.safe_load((LAB_INVENTORY / "hosts.yml").read_text())
+    edit(inventory["all"]["children"])
+    target = tmp_path / "inventory"
+    target.mkdir()
+    (target / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    (target / "group_vars").symlink_to(LAB_INVENTORY / "group_vars")
+    return str(target)
+
+
+def drop_redis(children):
+    children["redis"] = {}
+
+
+def redis_on_a_worker(children):
+    children["workers"]["hosts"]["redis1"] = children["redis"]["hosts"]["redis1"]
+
+
+def no_workers(children):
+    children["workers"] = {}
+
+
+def two_redis_hosts(children):
+    children["redis"]["hosts"]["client1"] = children["clients"]["hosts"]["client1"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (drop_redis, "exactly one host in group 'redis' (it has 0)"),
+        (two_redis_hosts, "exactly one host in group 'redis' (it has 2"),
+        (no_workers, "no host in group 'workers'"),
+        (redis_on_a_worker, "redis1 is in both 'redis' and 'workers'"),
+    ],
+    ids=["no-redis", "two-redis", "no-workers", "redis-and-worker"],
+)
+def test_preflight_refuses_a_bad_inventory_before_touching_any_host(tmp_path, edit, message):
+    result = playbook("site.yml", "-i", bad_inventory(tmp_path, edit))
+    assert result.returncode != 0
+    assert message in " ".join(result.stdout.split()), result.stdout[-4000:]
+    # Nothing after the preflight ran: no other play started, no host changed.
+    assert "PLAY [Redis broker" not in result.stdout
+    assert all(counts["changed"] == 0 for counts in recap(result).values())

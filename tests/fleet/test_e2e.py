@@ -1,0 +1,133 @@
+"""End to end on the lab: the tutorial's fan-out from a client, Flower, Redis' refusals,
+the firewall, and scaling out and in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from tests.conftest import lab, lab_status, on, ssh
+from tests.fleet.conftest import playbook, secret
+
+pytestmark = pytest.mark.timeout(900)
+
+WEB = "http://198.18.0.1:8080"
+
+
+def address(name: str) -> str:
+    return lab_status()[name]["address"]
+
+
+def flower(path: str, auth: bool = True) -> requests.Response:
+    credentials = ("admin", secret("flower")) if auth else None
+    return requests.get(f"http://{address('monitor1')}:5555{path}", auth=credentials, timeout=10)
+
+
+def fetch_from_client(urls: list[str], *extra: str) -> dict:
+    result = ssh("client1", " ".join(["fleetapp", "fetch", "--json", *extra, *urls]), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def workers_that_ran(report: dict) -> set[str]:
+    return {r["worker"].split("@", 1)[1] for r in report["results"]}
+
+
+def started_at(host: str) -> str:
+    return on(host, "systemctl show -p ActiveEnterTimestamp celery-worker@network").stdout.strip()
+
+
+def test_fan_out_from_a_client_runs_on_every_worker():
+    urls = [f"{WEB}/delay/0.5?i={i}" for i in range(24)]
+    report = fetch_from_client(urls)
+    assert report["failed"] == 0 and len(report["results"]) == len(urls)
+    assert workers_that_ran(report) == {"worker1", "worker2"}
+
+
+def test_tutorial_compare_reports_a_speedup():
+    urls = [f"{WEB}/tutorial/{i}" for i in range(1, 6)]
+    report = fetch_from_client(urls, "--compare")
+    assert report["failed"] == 0
+    # The 5 tutorial URLs take ~7.6 s one after the other and as long as the slowest in parallel.
+    assert report["speedup"] > 2, report
+
+
+def test_client_add_and_doctor():
+    result = ssh("client1", "fleetapp add 2 3 --json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["result"] == 5
+    doctor = ssh("client1", "fleetapp doctor")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+
+
+def test_flower_lists_every_worker_with_credentials():
+    response = flower("/api/workers")
+    assert response.status_code == 200
+    hosts = {name.split("@", 1)[1] for name in response.json()}
+    assert {"worker1", "worker2"} <= hosts
+
+
+def test_flower_without_credentials_is_refused():
+    assert flower("/api/workers", auth=False).status_code == 401
+    assert flower("/", auth=False).status_code == 401
+
+
+def redis_reply(client: str, command: str) -> str:
+    """Send one raw RESP command from a lab machine and return Redis' first reply line."""
+    probe = (
+        "import socket; s = socket.create_connection(('{host}', 6379), timeout=5); "
+        "s.sendall(b'{cmd}\\r\\n'); print(s.recv(200).decode().strip())"
+    ).format(host=address("redis1"), cmd=command)
+    return on(client, f'python3 -c "{probe}"').stdout.strip()
+
+
+def test_redis_without_credentials_gets_noauth():
+    assert redis_reply("client1", "PING").startswith("-NOAUTH")
+
+
+# NOPERM for the app user (CONFIG, FLUSHALL, DEBUG, ...) is checked in test_redis.py.
+
+
+def test_machine_outside_the_inventory_cannot_reach_redis():
+    lab("add", "outsider1")
+    try:
+        redis = address("redis1")
+        connect = "import socket; socket.create_connection(('{}', {}), timeout=3)"
+        # The network path is fine (ssh answers) but the Redis port drops the outsider.
+        assert (
+            on("outsider1", f'python3 -c "{connect.format(redis, 22)}"', check=False).returncode
+            == 0
+        )
+        blocked = on("outsider1", f'python3 -c "{connect.format(redis, 6379)}"', check=False)
+        assert blocked.returncode != 0
+        assert "timed out" in blocked.stderr or "refused" in blocked.stderr
+    finally:
+        lab("remove", "outsider1")
+
+
+def test_scale_out_then_in_leaves_the_other_workers_alone():
+    before = {host: started_at(host) for host in ("worker1", "worker2")}
+    lab("add", "worker3")
+    try:
+        result = playbook("site.yml", "--limit", "worker3,redis")
+        assert result.returncode == 0, result.stdout[-6000:]
+        hosts = {name.split("@", 1)[1] for name in flower("/api/workers?refresh=1").json()}
+        assert "worker3" in hosts
+        report = fetch_from_client([f"{WEB}/delay/1?i={i}" for i in range(60)])
+        assert "worker3" in workers_that_ran(report)
+        assert {host: started_at(host) for host in ("worker1", "worker2")} == before
+
+        retire = playbook("playbooks/retire-worker.yml", "-e", "host=worker3")
+        assert retire.returncode == 0, retire.stdout[-6000:]
+        assert (
+            on("worker3", "systemctl is-active celery.target", check=False).stdout.strip()
+            != "active"
+        )
+        ruleset = on("redis1", "nft list ruleset").stdout
+        assert address("worker3") not in ruleset
+        assert address("worker1") in ruleset
+    finally:
+        lab("remove", "worker3")
+    assert {host: started_at(host) for host in ("worker1", "worker2")} == before

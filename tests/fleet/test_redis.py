@@ -1,0 +1,299 @@
+"""Deployment tests for the redis role (playbooks/redis.yml).
+
+Hosts come from the lead's conftest / testinfra:
+``testinfra.get_hosts(["ansible://redis"], ansible_inventory="inventory/lab")``.
+
+Secrets never appear in assertion messages: passwords reach redis-cli through
+REDISCLI_AUTH and only stdout/stderr of the commands are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+testinfra_hosts = ["ansible://redis"]
+
+SERVICE = "redis-server"
+ACL_FILE = "/etc/redis/users.acl"
+NFT_TABLE = "celery_fleet_redis"
+
+# Commands the Celery app user must be refused (checked with ACL DRYRUN, so a
+# broken ACL cannot flush or shut down the lab broker while testing).
+APP_FORBIDDEN = [
+    "CONFIG GET maxmemory",
+    "CONFIG SET maxmemory 1",
+    "FLUSHALL",
+    "FLUSHDB",
+    "DEBUG SLEEP 0",
+    "KEYS *",
+    "SHUTDOWN",
+    "ACL LIST",
+    "MONITOR",
+    "SCRIPT FLUSH",
+]
+# What kombu's Redis transport and Celery's result backend send (kombu 5.7).
+APP_ALLOWED = [
+    "LPUSH celery x",
+    "BRPOP celery 1",
+    "RPOP celery",
+    "LLEN celery",
+    "SADD _kombu.binding.celery x",
+    "SMEMBERS _kombu.binding.celery",
+    "ZADD unacked_index 1 tag",
+    "HSET unacked tag x",
+    "SET unacked_mutex x NX PX 1000",
+    "PUBLISH /0.celeryev x",
+    "PSUBSCRIBE /0.celeryev/*",
+    "EVALSHA 0000000000000000000000000000000000000000 0",
+    "SCRIPT LOAD return",
+    "SETEX celery-task-meta-x 60 y",
+    "MGET celery-task-meta-x",
+    "INCR chord-unlock-x",
+    "PEXPIRE celery 1000",
+    "MULTI",
+    "PING",
+]
+FLOWER_FORBIDDEN = [
+    "CONFIG GET maxmemory",
+    "FLUSHALL",
+    "SET celery-task-meta-x forged",
+    "DEL celery",
+    "HSET unacked tag x",
+    "KEYS *",
+]
+FLOWER_ALLOWED = [
+    "LLEN celery",
+    "GET celery-task-meta-x",
+    "SADD _kombu.binding.reply.celery.pidbox x",
+    "BRPOP abc.reply.celery.pidbox 1",
+    "DEL abc.reply.celery.pidbox",
+    "PUBLISH /0.celery.pidbox x",
+    "PSUBSCRIBE /0.celeryev/*",
+    "SET unacked_mutex x NX PX 1000",
+    "LPUSH celery x",
+]
+
+
+def _resolve(host, name):
+    """Value of an inventory variable, templated (lookups included).
+
+    ``host.ansible.get_variables()`` returns the raw inventory, where
+    ``fleet_private_address`` is ``{{ ansible_host }}`` and passwords are
+    password lookups, so templated values are resolved with the debug module.
+    """
+    value = host.ansible.get_variables().get(name)
+    if isinstance(value, str) and "{{" not in value and "{%" not in value:
+        return value
+    result = host.ansible("ansible.builtin.debug", f"var={name}", check=False)
+    return result[name]
+
+
+def _template(host, expression):
+    """Evaluate a Jinja expression for the redis host on the controller."""
+    args = "msg={{ (" + expression + ") | to_json }}"
+    result = host.ansible("ansible.builtin.debug", args, check=False)
+    msg = result["msg"]
+    return json.loads(msg) if isinstance(msg, str) else msg
+
+
+def _journal(host):
+    return host.run("journalctl -u %s -n 50 --no-pager", SERVICE).stdout
+
+
+def _root(host, command, *args):
+    if host.user().name == "root":
+        return host.run(command, *args)
+    with host.sudo():
+        return host.run(command, *args)
+
+
+@pytest.fixture(scope="module")
+def redis_port(host):
+    return str(_resolve(host, "fleet_redis_port") or 6379)
+
+
+@pytest.fixture(scope="module")
+def private_address(host):
+    return _resolve(host, "fleet_private_address")
+
+
+@pytest.fixture(scope="module")
+def users(host):
+    return {
+        role: (
+            _resolve(host, f"fleet_redis_{role}_user"),
+            _resolve(host, f"fleet_redis_{role}_password"),
+        )
+        for role in ("admin", "app", "flower")
+    }
+
+
+@pytest.fixture(scope="module")
+def cli(host, redis_port, users):
+    """redis-cli over loopback as one of the fleet users (None = no AUTH)."""
+
+    def run(role, *words):
+        base = "redis-cli -h 127.0.0.1 -p %s --no-auth-warning"
+        if role is None:
+            return host.run(base + " " + " ".join(["%s"] * len(words)), redis_port, *words)
+        user, password = users[role]
+        cmd = "REDISCLI_AUTH=%s " + base + " --user %s " + " ".join(["%s"] * len(words))
+        return host.run(cmd, password, redis_port, user, *words)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def admin(cli):
+    def run(*words):
+        result = cli("admin", *words)
+        assert result.rc == 0, result.stderr
+        return result.stdout.strip()
+
+    return run
+
+
+def test_service_running_and_enabled(host):
+    service = host.service(SERVICE)
+    assert service.is_running, f"{SERVICE} is not running:\n{_journal(host)}"
+    assert service.is_enabled, f"{SERVICE} is not enabled:\n{_journal(host)}"
+
+
+def test_listens_on_private_address_and_loopback_only(host, redis_port, private_address):
+    listening = {
+        s
+        for s in host.socket.get_listening_sockets()
+        if s.startswith("tcp") and s.endswith(f":{redis_port}")
+    }
+    expected = {f"tcp://{private_address}:{redis_port}", f"tcp://127.0.0.1:{redis_port}"}
+    assert listening == expected, f"{listening} != {expected}:\n{_journal(host)}"
+    assert not host.socket(f"tcp://0.0.0.0:{redis_port}").is_listening
+
+
+@pytest.mark.parametrize(
+    ("parameter", "expected"),
+    [
+        ("appendonly", "yes"),
+        ("appendfsync", "everysec"),
+        ("maxmemory-policy", "noeviction"),
+        ("protected-mode", "yes"),
+        ("timeout", "0"),
+        ("tcp-keepalive", "60"),
+    ],
+)
+def test_config_value(admin, parameter, expected):
+    assert admin("CONFIG", "GET", parameter).splitlines() == [parameter, expected]
+
+
+def test_maxmemory_is_set(admin):
+    name, value = admin("CONFIG", "GET", "maxmemory").splitlines()
+    assert name == "maxmemory"
+    assert int(value) > 0
+
+
+def test_rdb_save_points_configured(admin):
+    _, value = admin("CONFIG", "GET", "save").splitlines()
+    assert value.strip(), "RDB save points are disabled"
+
+
+def test_acl_default_user_off(admin):
+    default = [
+        line for line in admin("ACL", "LIST").splitlines() if line.startswith("user default ")
+    ]
+    assert len(default) == 1
+    assert " off " in f"{default[0]} ", default[0]
+
+
+def test_acl_users_present(admin, users):
+    listed = set(admin("ACL", "USERS").splitlines())
+    assert {name for name, _ in users.values()} <= listed
+
+
+def test_acl_file_permissions_and_hashed_passwords(host, users):
+    acl = host.file(ACL_FILE)
+    assert acl.exists
+    assert acl.user == "redis"
+    assert acl.mode == 0o640
+    content = _root(host, "cat %s", ACL_FILE).stdout
+    for _, password in users.values():
+        assert password not in content, "a plaintext password is stored in the ACL file"
+    assert re.search(r"#[0-9a-f]{64}\b", content)
+
+
+def test_ping_without_auth_is_refused(cli):
+    result = cli(None, "PING")
+    assert "NOAUTH" in result.stdout + result.stderr, result.stdout
+
+
+@pytest.mark.parametrize("role", ["admin", "app", "flower"])
+def test_ping_as_user(cli, role):
+    assert cli(role, "PING").stdout.strip() == "PONG"
+
+
+@pytest.mark.parametrize("command", ["CONFIG GET maxmemory", "FLUSHALL", "DEBUG SLEEP 0"])
+def test_app_user_gets_noperm(admin, users, command):
+    """The brief's three commands, checked without risking the broker's data."""
+    result = admin("ACL", "DRYRUN", users["app"][0], *command.split())
+    assert "no permissions" in result, result
+
+
+def test_app_user_config_get_noperm_live(cli):
+    result = cli("app", "CONFIG", "GET", "maxmemory")
+    assert result.stdout.startswith("NOPERM"), result.stdout
+
+
+@pytest.mark.parametrize("command", APP_FORBIDDEN)
+def test_app_user_forbidden(admin, users, command):
+    assert "no permissions" in admin("ACL", "DRYRUN", users["app"][0], *command.split())
+
+
+@pytest.mark.parametrize("command", APP_ALLOWED)
+def test_app_user_allowed(admin, users, command):
+    assert admin("ACL", "DRYRUN", users["app"][0], *command.split()) == "OK"
+
+
+@pytest.mark.parametrize("command", FLOWER_FORBIDDEN)
+def test_flower_user_forbidden(admin, users, command):
+    assert "no permissions" in admin("ACL", "DRYRUN", users["flower"][0], *command.split())
+
+
+@pytest.mark.parametrize("command", FLOWER_ALLOWED)
+def test_flower_user_allowed(admin, users, command):
+    assert admin("ACL", "DRYRUN", users["flower"][0], *command.split()) == "OK"
+
+
+@pytest.fixture(scope="module")
+def ruleset(host):
+    result = _root(host, "nft list table inet %s", NFT_TABLE)
+    assert result.rc == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("group", ["workers", "clients", "monitor"])
+def test_firewall_admits_group(host, ruleset, group):
+    addresses = _template(
+        host,
+        f"groups.get('{group}', []) | map('extract', hostvars, 'fleet_private_address') | list",
+    )
+    for address in addresses:
+        assert address in ruleset, f"{address} ({group}) missing from table {NFT_TABLE}"
+
+
+def test_firewall_drops_everything_else(ruleset, redis_port):
+    assert f"tcp dport != {redis_port} accept" in ruleset
+    assert "drop" in ruleset
+
+
+def test_firewall_persisted(host):
+    assert host.file("/etc/nftables.d/redis.nft").exists
+    assert host.file("/etc/nftables.conf").contains("/etc/nftables.d/")
+    assert host.service("nftables").is_enabled
+
+
+def test_limit_nofile_covers_maxclients(host, admin):
+    _, maxclients = admin("CONFIG", "GET", "maxclients").splitlines()
+    limit = host.check_output("systemctl show -p LimitNOFILE --value %s", SERVICE)
+    assert int(limit) >= int(maxclients) + 32, f"LimitNOFILE={limit} maxclients={maxclients}"
