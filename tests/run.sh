@@ -26,16 +26,14 @@ teardown() {
 step lint
 make --no-print-directory lint || status=1
 
-for app_suite in tests/app; do
-  [ -d "$app_suite" ] && suite app "$app_suite"
-done
+suite app tests/app
 
 step "lab up (fresh)"
 "$BIN/lab" down
 trap teardown EXIT
 if "$BIN/lab" up; then
   suite lab tests/lab
-  [ -d tests/fleet ] && suite fleet tests/fleet
+  suite fleet tests/fleet
 else
   status=1
 fi

@@ -75,3 +75,13 @@ def test_preflight_refuses_a_bad_inventory_before_touching_any_host(tmp_path, ed
     # Nothing after the preflight ran: no other play started, no host changed.
     assert "PLAY [Redis broker" not in result.stdout
     assert all(counts["changed"] == 0 for counts in recap(result).values())
+
+
+def test_preflight_refuses_a_weak_secret_without_showing_it():
+    result = playbook("site.yml", "-e", "fleet_flower_password=short-secret")
+    assert result.returncode != 0
+    assert "fleet_flower_password: empty, shorter than 16 characters" in " ".join(
+        result.stdout.split()
+    )
+    assert "short-secret" not in result.stdout
+    assert "PLAY [Redis broker" not in result.stdout

@@ -100,7 +100,11 @@ def load_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]
     env = dict(os.environ if environ is None else environ)
     explicit = env.get("FLEETAPP_ENV_FILE")
     path = explicit or DEFAULT_ENV_FILE
-    if explicit or Path(path).exists():
+    try:
+        present = explicit or Path(path).exists()
+    except OSError as exc:  # e.g. /etc/fleetapp not readable by this user
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if present:
         try:
             from_file = parse_env_file(path)
         except OSError as exc:

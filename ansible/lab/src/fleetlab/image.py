@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import LabConfig, LabError
@@ -42,7 +43,7 @@ def image_dir(config: LabConfig) -> Path:
     return config.cache_dir / "images" / f"debian-{config.suite}-{digest[:12]}"
 
 
-def ensure_image(config: LabConfig, log: callable) -> Path:
+def ensure_image(config: LabConfig, log: Callable[[str], None]) -> Path:
     target = image_dir(config)
     if (target / ".complete").exists():
         return target

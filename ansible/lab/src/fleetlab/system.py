@@ -185,21 +185,25 @@ def tcp_open(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def cgroup_dirs(relative: str) -> list[Path]:
-    """The directory for `relative` in every cgroup hierarchy the host mounts (v1 and v2)."""
+def cgroup_dirs(relative: str, managed_only: bool = True) -> list[Path]:
+    """The directory for `relative` in the host's cgroup hierarchies.
+
+    managed_only: just those a machine's systemd manages (v2, and v1's name=systemd); v1
+    controllers like cpuset refuse tasks until configured. nspawn still mirrors a machine's
+    cgroup into every v1 controller, so cleaning up needs them all.
+    """
     dirs = []
     for line in Path("/proc/self/mounts").read_text().splitlines():
         fields = line.split()
-        # Only the hierarchies a machine's systemd manages (v2, and v1's name=systemd); v1
-        # controllers like cpuset refuse tasks until configured, and machines see them read-only.
-        if fields[2] == "cgroup2" or (fields[2] == "cgroup" and "name=systemd" in fields[3]):
+        managed = fields[2] == "cgroup2" or (fields[2] == "cgroup" and "name=systemd" in fields[3])
+        if managed or (not managed_only and fields[2] == "cgroup"):
             dirs.append(Path(fields[1]) / relative)
     return dirs
 
 
 def remove_cgroups(relative: str) -> None:
     """Remove a cgroup subtree, deepest first (only empty cgroups can be removed)."""
-    for top in cgroup_dirs(relative):
+    for top in cgroup_dirs(relative, managed_only=False):
         if not top.is_dir():
             continue
         for directory in sorted(
