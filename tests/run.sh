@@ -33,7 +33,7 @@ step "lab up (fresh)"
 trap teardown EXIT
 if "$BIN/lab" up; then
   suite lab tests/lab
-  suite fleet tests/fleet
+  suite fleet tests/fleet --durations=8
 else
   status=1
 fi
