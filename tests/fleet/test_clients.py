@@ -6,8 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 testinfra_hosts = ["ansible://clients"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,19 +21,6 @@ def test_cli_wrapper(host):
     assert wrapper.is_file
     assert (wrapper.user, wrapper.mode) == ("root", 0o755)
     assert host.check_output("fleetapp --version").strip() == f"fleetapp {app_version()}"
-
-
-@pytest.mark.parametrize(
-    ("path", "user", "group", "mode"),
-    [
-        ("/etc/fleetapp", "root", "celery", 0o750),
-        ("/etc/fleetapp/fleetapp.env", "root", "celery", 0o640),
-    ],
-)
-def test_config_permissions(host, path, user, group, mode):
-    f = host.file(path)
-    assert f.exists
-    assert (f.user, f.group, f.mode) == (user, group, mode)
 
 
 def test_no_workers_on_clients(host):

@@ -113,20 +113,6 @@ def test_node_name_answers_ping(host, queue):
     assert cmd.rc == 0 and node in cmd.stdout, cmd.stdout + cmd.stderr
 
 
-@pytest.mark.parametrize(
-    ("path", "user", "group", "mode"),
-    [
-        ("/etc/fleetapp", "root", "celery", 0o750),
-        ("/etc/fleetapp/fleetapp.env", "root", "celery", 0o640),
-        ("/var/lib/celery", "celery", "celery", 0o750),
-    ],
-)
-def test_config_permissions(host, path, user, group, mode):
-    f = host.file(path)
-    assert f.exists
-    assert (f.user, f.group, f.mode) == (user, group, mode)
-
-
 def test_system_user(host):
     celery = host.user("celery")
     assert celery.exists
