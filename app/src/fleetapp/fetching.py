@@ -206,28 +206,9 @@ def fetch_once(
             if declared.isdigit() and int(declared) > max_bytes:
                 return _too_large(url, started, worker, final_url, status, max_bytes), False
             size = 0
-            try:
-                for chunk in response.iter_content(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        return _too_large(url, started, worker, final_url, status, max_bytes), False
-                    if time.monotonic() > deadline:
-                        # A server dripping bytes would otherwise dodge the per-read timeout.
-                        error: FetchError = {
-                            "code": "timeout",
-                            "message": f"body took over {timeout:g} s",
-                        }
-                        return _result(
-                            url,
-                            started,
-                            worker=worker,
-                            final_url=final_url,
-                            status=status,
-                            size=size,
-                            error=error,
-                        ), False
-            except Exception as exc:
-                code, message, _ = classify(exc)
+
+            def body_failed(code: str, message: str) -> tuple[FetchResult, bool]:
+                error: FetchError = {"code": code, "message": message}
                 return _result(
                     url,
                     started,
@@ -235,8 +216,20 @@ def fetch_once(
                     final_url=final_url,
                     status=status,
                     size=size,
-                    error={"code": code, "message": message},
+                    error=error,
                 ), False
+
+            try:
+                for chunk in response.iter_content(_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        return _too_large(url, started, worker, final_url, status, max_bytes), False
+                    if time.monotonic() > deadline:
+                        # A server dripping bytes would otherwise dodge the per-read timeout.
+                        return body_failed("timeout", f"body took over {timeout:g} s")
+            except Exception as exc:
+                code, message, _ = classify(exc)
+                return body_failed(code, message)
     http_error: FetchError | None = None
     if status >= 400:
         http_error = {
