@@ -9,9 +9,9 @@ LAB       := $(BIN)/lab
 STAMP     := $(VENV)/.setup-stamp
 DEB_PKGS  := debootstrap systemd-container iproute2 apt-cacher-ng openssh-client redis-server nftables curl
 TUTORIAL_URLS := $(foreach i,1 2 3 4 5,http://198.18.0.1:8080/tutorial/$(i))
-SETUP_INPUTS := ansible/requirements.in ansible/constraints.txt ansible/lab/pyproject.toml app/pyproject.toml
+SETUP_INPUTS := ansible/requirements.in ansible/constraints.txt ansible/lab/pyproject.toml app/pyproject.toml runtime/pyproject.toml
 
-.PHONY: help setup demo test lint lab-up lab-down bench bench-app deploy clean
+.PHONY: help setup demo test faults lint lab-up lab-down bench bench-app deploy clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -27,7 +27,7 @@ $(STAMP): $(SETUP_INPUTS)
 	fi
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q -c ansible/constraints.txt -r ansible/requirements.in
-	$(BIN)/pip install -q -c ansible/constraints.txt -e ansible/lab -e app
+	$(BIN)/pip install -q -c ansible/constraints.txt -e ansible/lab -e app -e runtime
 	@touch $@
 
 demo: setup ## The main job: lab up, deploy site.yml, run the tutorial's fan-out from client1
@@ -39,6 +39,10 @@ demo: setup ## The main job: lab up, deploy site.yml, run the tutorial's fan-out
 
 test: setup ## Every test: lint, app tests, lab and deployment tests on a fresh lab (torn down after)
 	bash tests/run.sh
+
+faults: setup ## The fault suite at full size on the lab (deploys; the lab stays up); prints the ledger table
+	$(LAB) up
+	FLEET_FAULTS_SIZE=full PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -p no:cacheprovider tests/fleet/faults
 
 lint: setup ## ansible-lint (production profile), yamllint, ruff
 	$(BIN)/yamllint -s .

@@ -14,7 +14,9 @@ BIN = Path(sys.executable).parent
 LAB_NAMES = ["redis1", "worker1", "worker2", "client1", "monitor1"]
 
 
-def lab(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def lab(
+    *args: str, check: bool = True, timeout: float = 300, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the `lab` command as a user would, from the repository root."""
     result = subprocess.run(
         [str(BIN / "lab"), *args],
@@ -23,6 +25,7 @@ def lab(*args: str, check: bool = True, timeout: float = 300) -> subprocess.Comp
         text=True,
         timeout=timeout,
         check=False,
+        input=input,
     )
     if check and result.returncode != 0:
         pytest.fail(
@@ -36,10 +39,13 @@ def lab_status() -> dict[str, dict]:
 
 
 def on(
-    host: str, command: str, check: bool = True, timeout: float = 120
+    host: str, command: str, check: bool = True, timeout: float = 120, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run a shell command inside a lab machine (nsenter: works even when it is cut off)."""
-    result = lab("exec", host, "--", "sh", "-c", command, check=False, timeout=timeout)
+    """Run a shell command inside a lab machine (nsenter: works even when it is cut off).
+
+    Secrets go through ``input`` (the command's stdin), never into the command line.
+    """
+    result = lab("exec", host, "--", "sh", "-c", command, check=False, timeout=timeout, input=input)
     if check and result.returncode != 0:
         pytest.fail(f"{host}$ {command} -> {result.returncode}:\n{result.stderr}{result.stdout}")
     return result

@@ -115,7 +115,7 @@ def test_bad_url_enqueues_nothing(fleet, redis_server):
 
 
 def test_config_error(fleet):
-    env = {**fleet.env, "FLEETAPP_VISIBILITY_TIMEOUT": "60"}
+    env = {**fleet.env, "FLEETAPP_VISIBILITY_TIMEOUT": "5"}
     proc = run_cli(env, "doctor")
     assert_clean_failure(proc, EXIT_CONFIG)
     assert "FLEETAPP_VISIBILITY_TIMEOUT" in proc.stderr

@@ -49,22 +49,31 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A task running when the broker connection drops keeps running and acknowledges
+        # once Redis answers: with the Redis transport a message is not tied to a connection,
+        # and celery-fleet's lease keeper holds it meanwhile (cancelling would run it twice).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # A result that cannot be stored while Redis restarts is stored when it is back,
+        # instead of turning a task that ran into a FAILURE (about five minutes of tries).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
             "socket_timeout": SOCKET_TIMEOUT,
             "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT,
             "socket_keepalive": True,
             "health_check_interval": HEALTH_CHECK_INTERVAL,
-            # Messages whose consumer vanished (a worker's power cut, or the running tasks
-            # Celery cancels when its Redis connection drops) come back once the visibility
-            # timeout has passed; sweep for them every 10 s rather than kombu's ~100 s.
+            # The lease on a delivered message (renewed by the worker that holds it): a message
+            # whose worker vanished comes back once it expires; sweep every 10 s, not ~100 s.
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
             # The sweep's lock. A worker cut off while holding it (a Redis restart) blocks
             # every sweep until it expires: kombu's 300 s would add five minutes. Restores are
             # WATCH transactions, so a second sweeper cannot restore a message twice.
             "unacked_mutex_expire": 30,
+            # One list per queue (no priority sub-lists), so a worker can take a message with
+            # one atomic BLMOVE (celery-fleet's runtime: no message lost between pop and record).
+            "priority_steps": [0],
         },
         "result_backend_transport_options": {
             "visibility_timeout": settings.visibility_timeout,

@@ -13,8 +13,10 @@ The Ansible roles write these exact variable names; keep them stable:
     FLEETAPP_REDIS_CA_FILE          CA bundle to verify the Redis server with (needs TLS)
     FLEETAPP_TASK_TIME_LIMIT        hard limit per task in seconds (default 300)
     FLEETAPP_TASK_SOFT_TIME_LIMIT   soft limit in seconds (default 270, below the hard limit)
-    FLEETAPP_VISIBILITY_TIMEOUT     seconds before an unacked task is redelivered (default 3600,
-                                    must exceed the hard time limit)
+    FLEETAPP_VISIBILITY_TIMEOUT     lease on a delivered message, in seconds (default 120, at least
+                                    10): a worker renews it for what it holds (celery-fleet's
+                                    runtime), so it bounds how long a message held by a vanished
+                                    worker waits, not how long a task may run
     FLEETAPP_DEFAULT_QUEUE          queue for everything else (default "default")
     FLEETAPP_NETWORK_QUEUE          queue for network-bound tasks (default "network")
 """
@@ -32,6 +34,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 DEFAULT_ENV_FILE = "/etc/fleetapp/fleetapp.env"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+MIN_VISIBILITY_TIMEOUT = 10
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -54,7 +57,7 @@ class Settings:
     ca_file: str | None = None
     task_time_limit: int = 300
     task_soft_time_limit: int = 270
-    visibility_timeout: int = 3600
+    visibility_timeout: int = 120
     default_queue: str = "default"
     network_queue: str = "network"
 
@@ -206,12 +209,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"FLEETAPP_TASK_SOFT_TIME_LIMIT: {soft_limit} exceeds"
             f" FLEETAPP_TASK_TIME_LIMIT {time_limit}"
         )
-    visibility = _positive_int(env, "FLEETAPP_VISIBILITY_TIMEOUT", 3600)
-    if visibility <= time_limit:
-        # Otherwise Redis redelivers a still-running task to a second worker.
+    visibility = _positive_int(env, "FLEETAPP_VISIBILITY_TIMEOUT", 120)
+    if visibility < MIN_VISIBILITY_TIMEOUT:
+        # Leases are renewed every tenth of it; shorter would not survive a slow round trip.
         raise ConfigError(
-            f"FLEETAPP_VISIBILITY_TIMEOUT: {visibility} must be greater than"
-            f" FLEETAPP_TASK_TIME_LIMIT {time_limit}, or running tasks get redelivered"
+            f"FLEETAPP_VISIBILITY_TIMEOUT: {visibility} is below {MIN_VISIBILITY_TIMEOUT} s"
         )
 
     return Settings(

@@ -9,7 +9,12 @@ Endpoints (GET and HEAD):
     /bytes/<n>         n bytes of body (max 1 GiB), streamed in chunks
     /redirect/<n>      n redirects (302) ending at /delay/0
     /tutorial/<i>      i in 1..5: the tutorial's five URLs, delays summing to 7.6 s
+    /ledger/<run>      the execution ledger of a run (GET: JSON, DELETE: forget it)
     /                  a short index
+
+The execution ledger: any request whose query has ``ledger=<run>.<n>`` is recorded under that
+token with the caller's address, its arrival, when the answer was sent and whether it was sent
+whole. The fault tests count executions here, outside Redis and outside Celery's bookkeeping.
 
 In process:  server = serve("127.0.0.1", 0); port = server.server_address[1]; server.close()
 As a CLI:    python -m fleetlab.webfarm --host 198.18.0.1 --port 8080
@@ -18,7 +23,6 @@ As a CLI:    python -m fleetlab.webfarm --host 198.18.0.1 --port 8080
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import signal
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
+from urllib.parse import parse_qs
 
 # The tutorial's five sequential fetches took ~7.6 s in total; these reproduce that shape.
 TUTORIAL_DELAYS: tuple[float, ...] = (1.2, 1.9, 1.3, 2.2, 1.0)
@@ -36,6 +41,37 @@ MAX_DELAY = 60.0
 MAX_BYTES = 1 << 30
 MAX_REDIRECTS = 50
 _CHUNK = 64 * 1024
+# Connections waiting to be accepted: hundreds of workers' greenlets connect at once.
+LISTEN_BACKLOG = 4096
+_LEDGER_TOKEN = re.compile(r"([A-Za-z0-9_-]{1,64})\.(\d{1,9})")
+
+
+class Ledger:
+    """Executions by token, kept in this process (outside everything a fault test breaks)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, dict[str, list[dict[str, object]]]] = {}
+
+    def start(self, run: str, n: str, host: str) -> dict[str, object]:
+        entry: dict[str, object] = {"host": host, "start": time.time(), "end": None, "sent": False}
+        with self._lock:
+            self._runs.setdefault(run, {}).setdefault(n, []).append(entry)
+        return entry
+
+    @staticmethod
+    def finish(entry: dict[str, object], *, sent: bool) -> None:
+        entry["end"] = time.time()
+        entry["sent"] = sent
+
+    def get(self, run: str) -> dict[str, list[dict[str, object]]]:
+        with self._lock:
+            executions = self._runs.get(run, {})
+            return {n: [dict(entry) for entry in entries] for n, entries in executions.items()}
+
+    def forget(self, run: str) -> None:
+        with self._lock:
+            self._runs.pop(run, None)
 
 
 class WebFarm(ThreadingHTTPServer):
@@ -45,11 +81,13 @@ class WebFarm(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], *, verbose: bool = False) -> None:
         super().__init__(address, _Handler)
         self.stopping = threading.Event()
         self.verbose = verbose
+        self.ledger = Ledger()
         self._thread: threading.Thread | None = None
 
     @property
@@ -95,10 +133,32 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch(head=False)
 
+    def do_DELETE(self) -> None:
+        match = re.fullmatch(r"/ledger/([A-Za-z0-9_-]{1,64})", self.path)
+        if not match:
+            payload = {"error": "only /ledger/<run> can be deleted"}
+            self._send(HTTPStatus.NOT_FOUND, payload, head=False)
+            return
+        self.server.ledger.forget(match.group(1))
+        self._send(HTTPStatus.OK, {"forgotten": match.group(1)}, head=False)
+
     # -- routing ---------------------------------------------------------------------------
 
     def _dispatch(self, *, head: bool) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        token = _LEDGER_TOKEN.fullmatch(parse_qs(query).get("ledger", [""])[0])
+        entry = self.server.ledger.start(*token.groups(), self.client_address[0]) if token else None
+        try:
+            self._route(path, head=head)
+        except (BrokenPipeError, ConnectionResetError):
+            if entry is not None:
+                self.server.ledger.finish(entry, sent=False)
+            return
+        if entry is not None:
+            # "Sent" only if the full answer went out: a cancelled fetch is not an execution.
+            self.server.ledger.finish(entry, sent=not self.server.stopping.is_set())
+
+    def _route(self, path: str, *, head: bool) -> None:
         routes: list[tuple[str, Callable[..., None]]] = [
             (r"/delay/(\d+(?:\.\d+)?)", self._delay),
             (r"/status/(\d{3})", self._status),
@@ -106,14 +166,13 @@ class _Handler(BaseHTTPRequestHandler):
             (r"/bytes/(\d+)", self._bytes),
             (r"/redirect/(\d+)", self._redirect),
             (r"/tutorial/(\d+)", self._tutorial),
+            (r"/ledger/([A-Za-z0-9_-]{1,64})", self._ledger),
             (r"/?", self._index),
         ]
         for pattern, handler in routes:
             match = re.fullmatch(pattern, path)
             if match:
-                # The client may give up (timeout, size cap): not our problem.
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    handler(*match.groups(), head=head)
+                handler(*match.groups(), head=head)
                 return
         self._send(HTTPStatus.NOT_FOUND, {"error": "no such endpoint", "path": path}, head=head)
 
@@ -143,6 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "/bytes/<n>",
                     "/redirect/<n>",
                     "/tutorial/<1..5>",
+                    "/ledger/<run>",
                 ]
             },
             head=head,
@@ -212,6 +272,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._sleep(delay):
             return
         self._send(HTTPStatus.OK, {"tutorial": i, "delay": delay}, head=head)
+
+    def _ledger(self, run: str, *, head: bool) -> None:
+        payload = {"run": run, "executions": self.server.ledger.get(run)}
+        self._send(HTTPStatus.OK, payload, head=head)
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, *, verbose: bool = False) -> WebFarm:

@@ -1,0 +1,149 @@
+"""Fixes for Celery 5.7 / kombu 5.7 windows that lose or stall tasks on the Redis transport.
+
+Each was found on the lab with the fault suite's ledger (tests/fleet/faults) and is applied by
+``activate()`` in every process ``fleet-celery`` starts. They are small and replace no public
+API; each names the upstream code it corrects, so it can go when upstream fixes it.
+
+1. gevent: a task killed by ``terminate_job`` counts as a success. Celery's gevent pool
+   (celery PR #9083) turns ``GreenletExit`` into the return value ``(False, None, None)``,
+   which the request reads as "succeeded", so a late-ack task cancelled after a connection
+   loss is *acknowledged* and its message deleted, although it never ran to the end. Seen:
+   40-70 of 400 tasks lost on each Redis restart, stuck in state RETRY. Fixed: a killed
+   greenlet reports ``Terminated``, as a killed prefork child does.
+2. ``Request.cancel`` kills the task before it marks the request cancelled (the mark comes
+   after a result-backend write, which switches greenlets or fails while Redis is away: celery
+   PR #10382 / issue #7185). The killed task then reports in first, is taken for a revoke and
+   acknowledged. Seen: tasks lost in state REVOKED. Fixed: the mark comes first.
+3. On a lost broker connection Celery closes the old channels, and kombu's channel close
+   requeues every unacknowledged message of that channel, the ones still running included
+   (they then run twice), or crashes the worker with ``AttributeError`` when the connection is
+   already collected (the worker exits; seen on the lab). Fixed: channels closed because the
+   connection was lost do not requeue anything; the lease keeper (celery_fleet.lease) returns
+   what the worker dropped, and nothing it still runs.
+4. kombu stamps deliveries and sweeps for expired ones with each host's own clock; both use
+   the Redis server's clock instead (celery_fleet.clock).
+5. An acknowledgement that cannot reach Redis (connection lost, pool exhausted) is logged by
+   kombu and forgotten, so a finished task runs again after the visibility timeout. It is kept
+   and delivered by the lease keeper once Redis answers, and acks on a channel that was closed
+   by a connection loss go the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("celery_fleet")
+
+_applied = False
+
+
+def apply() -> None:
+    """Apply every fix once per process."""
+    global _applied
+    if _applied:
+        return
+    _patch_gevent_terminate()
+    _patch_request_cancel()
+    _patch_connection_loss_restore()
+    _patch_kombu_clock()
+    _patch_redis_ack()
+    _applied = True
+
+
+def _patch_gevent_terminate() -> None:
+    try:
+        from celery.concurrency import gevent as gevent_pool
+    except ImportError:  # gevent not installed: nothing to fix
+        return
+
+    def _make_killable_target(target: Callable[..., Any]) -> Callable[..., Any]:
+        def killable_target(*args: Any, **kwargs: Any) -> Any:
+            from billiard.einfo import ExceptionInfo
+            from celery.exceptions import Terminated
+            from greenlet import GreenletExit
+
+            try:
+                return target(*args, **kwargs)
+            except GreenletExit:
+                try:
+                    raise Terminated("killed by terminate_job") from None
+                except Terminated:
+                    # (failed, retval, runtime): the request's on_failure sees Terminated.
+                    return (True, ExceptionInfo(), None)
+
+        return killable_target
+
+    gevent_pool.TaskPool._make_killable_target = staticmethod(_make_killable_target)
+
+
+def _patch_request_cancel() -> None:
+    from celery.worker.request import Request
+
+    original = Request.cancel
+
+    def cancel(self: Any, pool: Any, signal: Any = None, emit_retry: bool = True) -> Any:
+        # Marked first: the killed task may report before cancel() returns.
+        if self.time_start:
+            self._already_cancelled = True
+        return original(self, pool, signal=signal, emit_retry=emit_retry)
+
+    Request.cancel = cancel
+
+
+def _patch_connection_loss_restore() -> None:
+    from celery.worker.consumer.consumer import Consumer
+
+    original = Consumer.on_connection_error_after_connected
+
+    def on_connection_error_after_connected(self: Any, exc: BaseException) -> Any:
+        transport = getattr(self.connection, "_transport", None)
+        for channel in list(getattr(transport, "channels", None) or []):
+            channel.do_restore = False
+        return original(self, exc)
+
+    Consumer.on_connection_error_after_connected = on_connection_error_after_connected
+
+
+def _patch_kombu_clock() -> None:
+    from kombu.transport import redis as kombu_redis
+
+    from celery_fleet import clock
+
+    kombu_redis.time = clock.now  # the module's `from time import time`, used for stamps only
+
+
+def _patch_redis_ack() -> None:
+    from kombu.transport import redis as kombu_redis
+    from kombu.transport.virtual import QoS as VirtualQoS
+
+    from celery_fleet import lease
+
+    def remove(qos: Any, delivery_tag: str) -> None:
+        if qos.channel.closed:
+            lease.defer_ack(delivery_tag)
+            return
+        try:
+            qos._remove_from_indices(delivery_tag).execute()
+        except Exception as exc:  # whatever failed, the keeper retries it
+            logger.warning("ack of %s deferred until Redis answers (%r)", delivery_tag, exc)
+            lease.defer_ack(delivery_tag)
+
+    def ack(self: Any, delivery_tag: str) -> None:
+        remove(self, delivery_tag)
+        VirtualQoS.ack(self, delivery_tag)
+
+    def reject(self: Any, delivery_tag: str, requeue: bool = False) -> None:
+        if not requeue:
+            remove(self, delivery_tag)
+        elif not self.channel.closed:
+            try:
+                self.restore_by_tag(delivery_tag, leftmost=True)
+            except Exception as exc:
+                # Still in unacked and no longer held here: the keeper requeues it.
+                logger.warning("requeue of %s left to the lease keeper (%r)", delivery_tag, exc)
+        VirtualQoS.ack(self, delivery_tag)
+
+    kombu_redis.QoS.ack = ack
+    kombu_redis.QoS.reject = reject

@@ -1,0 +1,150 @@
+"""kombu's Redis channel, with a pop that cannot lose the message it pops.
+
+kombu takes a message with ``BRPOP`` on one connection and records it in ``unacked`` with a
+``MULTI`` on another (kombu issue #305, open upstream). A worker killed, or a connection lost,
+between the two loses the message: it is in no queue and not in ``unacked``. The fault suite saw
+it on the lab (``systemctl kill -s KILL`` of a worker under load: one task of 100 lost).
+
+In a worker, this channel moves the message instead, atomically, with ``BLMOVE`` into a
+processing list of its own (``_fleet.processing.<host>.<pid>.<n>.<queue>``), and removes it from
+there in the same ``MULTI`` that records it in ``unacked``. A message is therefore always in its
+queue, in a processing list, or in ``unacked``. Processing lists are listed in the hash
+``_fleet.processing``; the lease keeper moves a list's messages back to its queue once its
+owner is gone (its ``_fleet.alive.<host>.<pid>`` key expired, or the channel closed).
+
+``BLMOVE`` takes one source list, so the channel uses it when it polls one list at a time: one
+queue per worker and kombu's priority steps reduced to one (celery-fleet's configuration does
+both). Otherwise, and for consumers without acknowledgements (replies), it keeps ``BRPOP``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from queue import Empty
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import QoS as VirtualQoS
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+PROCESSING_INDEX = "_fleet.processing"
+PROCESSING_PREFIX = "_fleet.processing."
+ALIVE_PREFIX = "_fleet.alive."
+
+_channel_numbers = itertools.count(1)
+
+
+def owner_id() -> str:
+    """This process, as named in processing lists and alive keys."""
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: str) -> None:
+        popped = self.channel._fleet_popped.pop(delivery_tag, None)
+        if popped is None:
+            return super().append(message, delivery_tag)
+        processing_key, raw = popped
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            # One transaction: recorded as unacknowledged and out of the processing list.
+            pipe.zadd(self.unacked_index_key, {delivery_tag: kombu_redis.time()}).hset(
+                self.unacked_key,
+                delivery_tag,
+                dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
+            ).lrem(processing_key, 1, raw).execute()
+        VirtualQoS.append(self, message, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+    #: Set in worker processes (by the lease keeper, which reclaims processing lists).
+    atomic_pop = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._fleet_popped: dict[str, tuple[str, bytes]] = {}
+        self._fleet_no_ack_queues: set[str] = set()
+        self._fleet_number = next(_channel_numbers)
+        self._fleet_moving: str | None = None
+        super().__init__(*args, **kwargs)
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._fleet_no_ack_queues.add(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def processing_key(self, queue: str) -> str:
+        return f"{PROCESSING_PREFIX}{owner_id()}.{self._fleet_number}.{queue}"
+
+    def _full_key(self, key: str) -> str:
+        # For commands kombu's client does not prefix (BLMOVE, LREM, HSET of the index).
+        return self.global_keyprefix + key
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = list(self.active_queues)
+        if (
+            not self.atomic_pop
+            or len(queues) != 1
+            or len(self.priority_steps) != 1
+            or queues[0] in self._fleet_no_ack_queues
+        ):
+            self._fleet_moving = None
+            return super()._brpop_start(timeout)
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queue = queues[0]
+        processing = self.processing_key(queue)
+        if self._fleet_moving != processing:
+            # Listed before the first move, so a reclaimer can find it whatever happens next.
+            self.client.hset(
+                PROCESSING_INDEX, processing, dumps({"owner": owner_id(), "queue": queue})
+            )
+            self._fleet_moving = processing
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        source = self._full_key(self._q_for_pri(queue, self.priority_steps[0]))
+        self.client.connection.send_command(
+            "BLMOVE", source, self._full_key(processing), "RIGHT", "LEFT", timeout or 0
+        )
+
+    def _brpop_read(self, **options: Any) -> Any:
+        processing = self._fleet_moving
+        if processing is None:
+            return super()._brpop_read(**options)
+        try:
+            try:
+                raw = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if raw is None:
+                raise Empty()
+            queue = self._queue_of(processing)
+            payload = loads(bytes_to_str(raw))
+            tag = payload["properties"]["delivery_tag"]
+            self._fleet_popped[tag] = (self._full_key(processing), raw)
+            self.connection._deliver(payload, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _queue_of(self, processing: str) -> str:
+        prefix = f"{PROCESSING_PREFIX}{owner_id()}.{self._fleet_number}."
+        return processing[len(prefix) :]
+
+    def close(self) -> None:
+        processing = self._fleet_moving
+        super().close()
+        if processing is not None:
+            from celery_fleet import lease
+
+            lease.forget_processing(processing)
+
+
+def install() -> None:
+    kombu_redis.Transport.Channel = Channel

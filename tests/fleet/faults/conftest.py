@@ -1,0 +1,164 @@
+"""The fault suite's harness: load from client1 through a fault, then the ledger.
+
+Each scenario publishes ledger-tagged fetch tasks at a steady rate from client1 (publishing goes
+on through the fault), waits until the fleet has drained (every returned publish executed, and
+Redis holds nothing queued or unacknowledged), and reports the ledger as one table row.
+
+Sizes: ``make test`` runs every scenario small; ``make faults`` sets FLEET_FAULTS_SIZE=full.
+The table is printed at the end of the session and written to .build/faults/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import REPO, on
+from tests.fleet.conftest import secret
+from tests.fleet.faults.ledger import Report, report
+
+WEBFARM = "http://198.18.0.1:8080"
+APP_PYTHON = "/usr/local/bin/fleet-fault-python"
+LOADGEN = "/usr/local/lib/fleet-faults/loadgen.py"
+FULL = os.environ.get("FLEET_FAULTS_SIZE", "small") == "full"
+REPORTS: list[Report] = []
+
+
+def size(small: int, full: int) -> int:
+    return full if FULL else small
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loadgen_on_client() -> Iterator[None]:
+    # The app's interpreter with the app's environment, as the CLI sees it.
+    wrapper = (
+        "#!/bin/sh\nset -a\n. /etc/fleetapp/fleetapp.env\nset +a\n"
+        'exec /opt/fleetapp/venv/bin/python "$@"\n'
+    )
+    on(
+        "client1",
+        f"install -d /usr/local/lib/fleet-faults && cat > {APP_PYTHON} && chmod 0755 {APP_PYTHON}",
+        input=wrapper,
+    )
+    on("client1", f"cat > {LOADGEN}", input=(Path(__file__).parent / "loadgen.py").read_text())
+    yield
+    on("client1", f"rm -rf {APP_PYTHON} /usr/local/lib/fleet-faults")
+
+
+def redis_cli(*commands: str) -> list[str]:
+    """Run redis-cli commands as the admin user on redis1; the password goes through stdin."""
+    script = "read -r REDISCLI_AUTH; export REDISCLI_AUTH; " + "; ".join(
+        f"redis-cli --no-auth-warning --user admin {command}" for command in commands
+    )
+    return on("redis1", script, input=secret("redis-admin") + "\n").stdout.split()
+
+
+def redis_holds() -> int:
+    """Messages Redis holds: queued in either queue, or delivered and not acknowledged."""
+    return sum(int(n) for n in redis_cli("LLEN network", "LLEN default", "HLEN unacked"))
+
+
+@dataclass
+class Scenario:
+    name: str
+    count: int
+    rate: float
+    delay: float = 2.0
+    countdown: float | None = None
+    queue: str | None = None
+
+    def run(
+        self,
+        fault: Callable[[], None],
+        at: float,
+        drain_timeout: float = 240,
+        after: Callable[[], None] | None = None,
+    ) -> Report:
+        """Publish, inject the fault `at` seconds in, drain, record the ledger's row."""
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.name).strip("-")
+        run_id = f"{slug}-{int(time.time())}"
+        requests.delete(f"{WEBFARM}/ledger/{run_id}", timeout=10)
+        published: dict[str, Any] = {}
+        args = [
+            f"--run={run_id}",
+            f"--count={self.count}",
+            f"--rate={self.rate}",
+            f"--delay={self.delay}",
+            f"--webfarm={WEBFARM}",
+        ]
+        if self.countdown is not None:
+            args.append(f"--countdown={self.countdown}")
+        if self.queue is not None:
+            args.append(f"--queue={self.queue}")
+
+        def publish() -> None:
+            published["result"] = on(
+                "client1", f"{APP_PYTHON} {LOADGEN} {' '.join(args)}", check=False, timeout=900
+            )
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        time.sleep(at)
+        try:
+            fault()
+        finally:
+            publisher.join()
+            if after is not None:
+                after()
+        result = published["result"]
+        assert result.returncode == 0, result.stderr[-3000:]
+        publishes = json.loads(result.stdout)["publishes"]
+        row = drain(self.name, run_id, publishes, drain_timeout)
+        REPORTS.append(row)
+        return row
+
+
+def ledger(run_id: str) -> dict[str, list[dict[str, Any]]]:
+    return requests.get(f"{WEBFARM}/ledger/{run_id}", timeout=10).json()["executions"]
+
+
+def drain(name: str, run_id: str, publishes: list[list[Any]], timeout: float) -> Report:
+    """Wait until everything returned has executed and Redis holds nothing, then settle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not report(name, publishes, ledger(run_id)).lost and redis_holds() == 0:
+            break
+        time.sleep(2)
+    # Late duplicates (a redelivery of something that already ran) would show up now.
+    time.sleep(5)
+    return report(name, publishes, ledger(run_id))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not REPORTS:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"Fault suite ({'full' if FULL else 'small'} size): the ledger per scenario"
+    )
+    rows = [r.row() for r in REPORTS]
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "scenario" else "right")
+    for row in rows:
+        table.add_row(*(str(value) for value in row.values()))
+    Console(file=terminalreporter._tw._file, width=160).print(table)
+    out = REPO / ".build" / "faults"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
+    payload = json.dumps(
+        {"size": "full" if FULL else "small", "date": stamp, "rows": rows}, indent=2
+    )
+    (out / f"{stamp}.json").write_text(payload)
+    (out / "latest.json").write_text(payload)
