@@ -77,6 +77,39 @@ def test_preflight_refuses_a_bad_inventory_before_touching_any_host(tmp_path, ed
     assert all(counts["changed"] == 0 for counts in recap(result).values())
 
 
+def test_a_missing_inventory_path_fails(tmp_path):
+    missing = tmp_path / "typo"
+    result = playbook("site.yml", "-i", str(missing))
+    assert result.returncode != 0
+    assert f"Completely failed to parse inventory source {missing}" in result.stderr
+    assert "PLAY [" not in result.stdout
+
+
+def test_an_empty_inventory_fails_naming_it_and_what_is_missing(tmp_path):
+    (tmp_path / "hosts.yml").write_text("---\nall: {}\n")
+    result = playbook("site.yml", "-i", str(tmp_path))
+    assert result.returncode != 0
+    said = " ".join(result.stdout.split())
+    assert (
+        f"Inventory {tmp_path}: it needs exactly one host in group 'redis' (it has 0);"
+        " it has no host in group 'workers' (at least one is needed)."
+    ) in said, result.stdout[-3000:]
+    assert "PLAY [Check every host" not in result.stdout
+
+
+def test_an_inventory_without_a_redis_group_fails_before_touching_any_host(tmp_path):
+    def no_redis_group(children):
+        del children["redis"]
+
+    inventory = bad_inventory(tmp_path, no_redis_group)
+    result = playbook("site.yml", "-i", inventory)
+    assert result.returncode != 0
+    said = " ".join(result.stdout.split())
+    assert f"Inventory {inventory}: it needs exactly one host in group 'redis' (it has 0)." in said
+    assert "PLAY [Check every host" not in result.stdout
+    assert all(counts["changed"] == 0 for counts in recap(result).values())
+
+
 def test_preflight_refuses_a_weak_secret_without_showing_it():
     result = playbook("site.yml", "-e", "fleet_flower_password=short-secret")
     assert result.returncode != 0

@@ -185,6 +185,28 @@ def test_up_twice_is_harmless():
         assert after[name]["uptime"] >= before[name]["uptime"], f"{name} was restarted"
 
 
+def test_up_from_another_checkout_writes_that_checkouts_inventory(tmp_path):
+    """A running lab, `lab up` from a second checkout: its inventory now lists the machines."""
+    other = tmp_path / "checkout"
+    (other / "inventory" / "lab").mkdir(parents=True)
+    before = lab_status()
+    result = subprocess.run(
+        [str(BIN / "lab"), "up"], cwd=other, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    written = other / "inventory" / "lab" / "hosts.yml"
+    hosts = yaml.safe_load(written.read_text())["all"]["children"]
+    assert set(hosts["redis"]["hosts"]) == {"redis1"}
+    assert set(hosts["workers"]["hosts"]) >= {"worker1", "worker2"}
+    # It says where else the inventory of this lab is.
+    assert str(REPO / "inventory" / "lab" / "hosts.yml") in result.stderr.replace("\n", "")
+    status = lab("status").stdout
+    assert f"inventory: {written}" in status
+    assert f"inventory: {REPO / 'inventory' / 'lab' / 'hosts.yml'}" in status
+    # Nothing was restarted for it.
+    assert all(lab_status()[n]["uptime"] >= before[n]["uptime"] for n in before)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -59,6 +59,8 @@ def _status(lab: Lab, as_json: bool) -> int:
     Console().print(table)
     if not rows:
         print("no machines (run `lab up`)")
+    for path in lab.inventories():
+        print(f"inventory: {path}")
     return 0
 
 

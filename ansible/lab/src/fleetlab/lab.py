@@ -85,13 +85,24 @@ class Lab:
             ) from None
         return {name: Machine(name=name, **data) for name, data in raw["machines"].items()}
 
+    def inventories(self) -> list[str]:
+        """Every inventory file the lab has written (one per checkout that ran `lab up`)."""
+        try:
+            raw = json.loads(self.config.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+        return [str(path) for path in raw.get("inventories", [])]
+
     def _save(self, machines: dict[str, Machine]) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        written = str(self.config.inventory_file)
         data = {
             "machines": {
                 m.name: {"address": m.address, "groups": m.groups}
                 for m in sorted(machines.values(), key=lambda m: ipaddress.IPv4Address(m.address))
-            }
+            },
+            # `lab down` removes them all, so no checkout keeps an inventory of a gone lab.
+            "inventories": sorted({*self.inventories(), written}),
         }
         tmp = self.config.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -172,6 +183,15 @@ class Lab:
                 else:
                     to_start.append(self._create(name, base, None, None))
             self._boot_all(to_start)
+            # Also when nothing was created: a lab started from another checkout becomes this
+            # checkout's too, and site.yml here deploys the machines it runs.
+            others = [p for p in self.inventories() if p != str(self.config.inventory_file)]
+            self._save(self.machines())
+            if others:
+                self.log(
+                    f"inventory written to {self.config.inventory_file}"
+                    f" (this lab's inventory is also at {', '.join(others)})"
+                )
 
     def add(self, name: str, address: str | None = None, group: str | None = None) -> Machine:
         self.preflight()
@@ -244,6 +264,8 @@ class Lab:
                 run(["ip", "link", "del", self.config.bridge], check=False)
             unmount_all(self.config.state_dir)
             remove_cgroups("celery-fleet-lab")
+            for path in self.inventories():
+                Path(path).unlink(missing_ok=True)
             inventory.remove(self.config)
             for entry in self.config.state_dir.iterdir():
                 if entry.name != ".lock":
