@@ -49,6 +49,7 @@ lint: setup ## ansible-lint (production profile), yamllint, ruff
 	$(BIN)/ansible-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(PY) tests/lint/check_role_specs.py
 
 lab-up: setup ## Bring the lab up (default topology)
 	$(LAB) up

@@ -95,7 +95,7 @@ def main() -> int:
     try:
         for i, log in enumerate(logs):
             cmd = [
-                str(BIN / "celery"), "-A", "fleetapp.celery", "worker", "-P", "gevent",
+                str(BIN / "fleet-celery"), "-A", "fleetapp.celery", "worker", "-P", "gevent",
                 "-c", str(CONCURRENCY), "-n", f"bench{i}@%h", "-Q", "network,default",
                 "--without-mingle", "--without-gossip", "--loglevel=WARNING",
             ]  # fmt: skip

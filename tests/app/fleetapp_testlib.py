@@ -141,7 +141,8 @@ def start_worker(
 ) -> Worker:
     log = logdir / f"{name}.log"
     cmd = [
-        str(BIN / "celery"),
+        # As the fleet runs workers: the celery command with celery-fleet's runtime active.
+        str(BIN / "fleet-celery"),
         "-A",
         app,
         "worker",
@@ -185,8 +186,9 @@ class Fleet:
 def run_cli(
     env: dict[str, str], *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
+    # As a client host runs it: the fleetapp script under fleet-python (the runtime active).
     return subprocess.run(
-        [str(BIN / "fleetapp"), *args],
+        [str(BIN / "fleet-python"), str(BIN / "fleetapp"), *args],
         env=env,
         capture_output=True,
         text=True,

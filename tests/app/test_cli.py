@@ -115,10 +115,20 @@ def test_bad_url_enqueues_nothing(fleet, redis_server):
 
 
 def test_config_error(fleet):
-    env = {**fleet.env, "FLEETAPP_VISIBILITY_TIMEOUT": "5"}
+    env = {**fleet.env, "FLEETAPP_NETWORK_QUEUE": "bad queue"}
     proc = run_cli(env, "doctor")
     assert_clean_failure(proc, EXIT_CONFIG)
-    assert "FLEETAPP_VISIBILITY_TIMEOUT" in proc.stderr
+    assert "FLEETAPP_NETWORK_QUEUE" in proc.stderr
+
+
+def test_fleet_config_error(fleet):
+    """A bad deployment setting stops the runtime in one line, before the app is imported."""
+    env = {**fleet.env, "FLEET_VISIBILITY_TIMEOUT": "5"}
+    proc = run_cli(env, "doctor")
+    assert_clean_failure(proc, EXIT_CONFIG)
+    assert "fleet-python: configuration error: FLEET_VISIBILITY_TIMEOUT: 5 is below 10 s" in (
+        proc.stderr
+    )
 
 
 @pytest.mark.parametrize("args", [["doctor"], ["add", "1", "2"], ["fetch", "http://x.org/"]])

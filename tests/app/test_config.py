@@ -6,6 +6,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+from celery_fleet.config import fleet_settings
 from fleetapp.celeryconfig import celery_config
 from fleetapp.config import ConfigError, load_settings, redact_url
 
@@ -21,7 +22,6 @@ def test_defaults(base):
     s = load_settings(base)
     assert s.broker_url == "redis://198.18.0.10:6379/0"
     assert s.result_backend == s.broker_url
-    assert (s.task_time_limit, s.task_soft_time_limit, s.visibility_timeout) == (300, 270, 120)
     assert (s.default_queue, s.network_queue) == ("default", "network")
     assert s.ssl_options is None
 
@@ -79,11 +79,6 @@ def test_tls_and_ca_file(base, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "variable"),
     [
-        ({"FLEETAPP_TASK_TIME_LIMIT": "abc"}, "FLEETAPP_TASK_TIME_LIMIT"),
-        ({"FLEETAPP_TASK_TIME_LIMIT": "0"}, "FLEETAPP_TASK_TIME_LIMIT"),
-        ({"FLEETAPP_TASK_SOFT_TIME_LIMIT": "400"}, "FLEETAPP_TASK_SOFT_TIME_LIMIT"),
-        # A lease shorter than 10 s could not be renewed reliably.
-        ({"FLEETAPP_VISIBILITY_TIMEOUT": "9"}, "FLEETAPP_VISIBILITY_TIMEOUT"),
         ({"FLEETAPP_REDIS_TLS": "maybe"}, "FLEETAPP_REDIS_TLS"),
         ({"FLEETAPP_REDIS_CA_FILE": "/nonexistent.pem"}, "FLEETAPP_REDIS_CA_FILE"),
         (
@@ -112,25 +107,36 @@ def test_env_file_loaded_and_real_environment_wins(tmp_path):
         "FLEETAPP_BROKER_URL=redis://10.0.0.1:6379/0\n"
         "export FLEETAPP_NETWORK_QUEUE='net'\n"
         'FLEETAPP_REDIS_PASSWORD="from file"\n'
-        "FLEETAPP_TASK_TIME_LIMIT=100\n"
+        "FLEETAPP_DEFAULT_QUEUE=q1\n"
     )
-    s = load_settings({"FLEETAPP_ENV_FILE": str(env_file), "FLEETAPP_TASK_TIME_LIMIT": "200"})
+    s = load_settings({"FLEETAPP_ENV_FILE": str(env_file), "FLEETAPP_DEFAULT_QUEUE": "q2"})
     assert s.broker_url == "redis://:from%20file@10.0.0.1:6379/0"
     assert s.network_queue == "net"
-    assert s.task_time_limit == 200
-    assert s.task_soft_time_limit == 180
+    assert s.default_queue == "q2"
+
+
+def test_celerys_own_variables_win(base):
+    """How a deployment hands the app its broker: Celery's variables, credentials included."""
+    s = load_settings(
+        {
+            **base,
+            "CELERY_BROKER_URL": "redis://app:pw@10.0.0.9:6379/0",
+            "CELERY_RESULT_BACKEND": "redis://app:pw@10.0.0.9:6379/1",
+        }
+    )
+    assert s.broker_url == "redis://app:pw@10.0.0.9:6379/0"
+    assert s.result_backend == "redis://app:pw@10.0.0.9:6379/1"
 
 
 def test_celery_settings(base):
-    conf = celery_config(load_settings({**base, "FLEETAPP_VISIBILITY_TIMEOUT": "7200"}))
-    assert conf["accept_content"] == conf["result_accept_content"] == ["json"]
-    assert conf["task_serializer"] == conf["result_serializer"] == "json"
-    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
-    assert conf["worker_prefetch_multiplier"] == 1
-    assert conf["worker_send_task_events"] and conf["task_send_sent_event"]
-    assert conf["broker_transport_options"]["visibility_timeout"] == 7200
-    assert conf["result_backend_transport_options"]["visibility_timeout"] == 7200
-    assert conf["broker_transport_options"]["socket_timeout"] > 0
+    conf = celery_config(load_settings(base))
+    # Deployment settings are the deployment's (celery-fleet's runtime defaults), not the app's.
+    deployment = ("task_acks_late", "broker_transport_options", "task_time_limit", "accept_content")
+    assert not set(deployment) & set(conf)
+    fleet = fleet_settings({})
+    assert fleet["accept_content"] == fleet["result_accept_content"] == ["json"]
+    assert fleet["task_serializer"] == fleet["result_serializer"] == "json"
+    assert fleet["worker_send_task_events"] and fleet["task_send_sent_event"]
     assert conf["task_routes"] == {"fleetapp.fetch_url": {"queue": "network"}}
     assert conf["task_default_queue"] == "default"
     # Each queue has its own binding: nothing routed to one queue is copied into the other.

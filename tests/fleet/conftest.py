@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import BIN, REPO
 
@@ -39,6 +40,16 @@ def recap(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, int]]
         }
         for host, ok, changed, unr, failed in RECAP.findall(result.stdout)
     }
+
+
+FLEET_DEFAULTS = yaml.safe_load(
+    (REPO / "roles" / "fleet" / "defaults" / "main.yml").read_text(encoding="utf-8")
+)
+
+
+def fleet_default(name: str) -> object:
+    """A value the roles share (roles/fleet), for names the inventory does not set."""
+    return FLEET_DEFAULTS[name]
 
 
 def secret(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Client hosts: the fleetapp CLI works for root against the fleet."""
+"""Client hosts: the application's own code runs there with the fleet's settings."""
 
 from __future__ import annotations
 
@@ -21,6 +21,21 @@ def test_cli_wrapper(host):
     assert wrapper.is_file
     assert (wrapper.user, wrapper.mode) == ("root", 0o755)
     assert host.check_output("fleetapp --version").strip() == f"fleetapp {app_version()}"
+
+
+def test_fleet_commands(host):
+    for command in ("fleet-python", "fleet-celery", "fleet-doctor"):
+        wrapper = host.file(f"/usr/local/bin/{command}")
+        assert (wrapper.user, wrapper.mode) == ("root", 0o755), command
+    cmd = host.run("fleet-doctor --timeout 10")
+    assert cmd.rc == 0, cmd.stdout + cmd.stderr
+    cmd = host.run(
+        "fleet-python -c 'import fleetapp.celery; from fleetapp.tasks.arith import add;"
+        " print(add.delay(4, 5).get(timeout=60))'"
+    )
+    assert cmd.rc == 0 and cmd.stdout.strip() == "9", cmd.stdout + cmd.stderr
+    cmd = host.run("fleet-celery call fleetapp.add --args '[1, 2]'")
+    assert cmd.rc == 0, cmd.stdout + cmd.stderr
 
 
 def test_no_workers_on_clients(host):

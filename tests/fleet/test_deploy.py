@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -29,6 +31,14 @@ def test_check_mode_succeeds(deployed):
     result = playbook("site.yml", "--check")
     assert result.returncode == 0, result.stdout[-6000:]
     assert all(counts["failed"] == 0 for counts in recap(result).values())
+
+
+@pytest.mark.parametrize("tag", ["celery_worker_service", "celery_app_configure", "flower"])
+def test_a_role_tag_works_on_its_own(deployed, tag):
+    """No role relies on a fact that only another tag of it sets."""
+    result = playbook("site.yml", "--tags", tag)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert all(counts["changed"] == 0 for counts in recap(result).values()), result.stdout[-4000:]
 
 
 def bad_inventory(tmp_path, edit) -> str:
@@ -108,6 +118,43 @@ def test_an_inventory_without_a_redis_group_fails_before_touching_any_host(tmp_p
     assert f"Inventory {inventory}: it needs exactly one host in group 'redis' (it has 0)." in said
     assert "PLAY [Check every host" not in result.stdout
     assert all(counts["changed"] == 0 for counts in recap(result).values())
+
+
+def test_a_project_that_does_not_build_stops_the_run_in_one_sentence(tmp_path):
+    project = tmp_path / "broken"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "broken"\nversion = "not a version"\n'
+    )
+    result = playbook("site.yml", "-e", f"fleet_app_project_dir={project}")
+    assert result.returncode != 0
+    said = " ".join(result.stdout.split())
+    sentence = f"The application project {project} does not build (python -m build):"
+    assert sentence in said, said[-3000:]
+    assert "PLAY [Redis broker" not in result.stdout
+
+
+def test_a_missing_project_stops_the_run_in_one_sentence(tmp_path):
+    result = playbook("site.yml", "-e", f"fleet_app_project_dir={tmp_path / 'nowhere'}")
+    assert result.returncode != 0
+    said = " ".join(result.stdout.split())
+    assert f"The application project {tmp_path / 'nowhere'} has no pyproject.toml" in said
+    assert "PLAY [Redis broker" not in result.stdout
+
+
+def test_a_queue_map_without_a_consumer_for_a_routed_queue_is_refused(deployed):
+    """fleetapp routes fetch_url to 'network': a map without it would strand those tasks."""
+    only_default = json.dumps({"fleet_app_queues": [{"name": "default", "pool": "prefork"}]})
+    result = playbook("site.yml", "-e", only_default)
+    assert result.returncode != 0
+    said = " ".join(result.stdout.split())
+    assert (
+        "fleet_app_queues: the application routes tasks to network, which no entry consumes"
+    ) in said, said[-3000:]
+    assert "PLAY [Redis broker" not in result.stdout
+    # Refused before any worker unit changed.
+    assert all(counts["changed"] == 0 for counts in recap(result).values()), said[-3000:]
 
 
 def test_preflight_refuses_a_weak_secret_without_showing_it():

@@ -9,6 +9,8 @@ import urllib.request
 
 import pytest
 
+from tests.fleet.conftest import FLEET_DEFAULTS
+
 testinfra_hosts = ["ansible://monitor"]
 
 UNIT = "flower.service"
@@ -21,7 +23,10 @@ def journal(host, unit: str = UNIT) -> str:
 
 def variable(host, name: str) -> str:
     """An inventory variable, templated by Ansible when it is a lookup."""
-    value = host.ansible.get_variables().get(name)
+    variables = host.ansible.get_variables()
+    if name not in variables and name in FLEET_DEFAULTS:
+        return str(FLEET_DEFAULTS[name])  # a role default (roles/fleet)
+    value = variables.get(name)
     if value is None or "{{" in str(value):
         value = host.ansible("debug", f"var={name}", check=False)[name]
     return str(value)
@@ -84,7 +89,7 @@ def test_flower_listens_on_private_address_only(host):
 
 
 def test_env_file_permissions(host):
-    env = host.file("/etc/fleetapp/flower.env")
+    env = host.file("/etc/celery-fleet/flower.env")
     assert (env.user, env.group, env.mode) == ("root", "celery", 0o640)
 
 

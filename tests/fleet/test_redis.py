@@ -14,6 +14,8 @@ import re
 
 import pytest
 
+from tests.fleet.conftest import FLEET_DEFAULTS
+
 testinfra_hosts = ["ansible://redis"]
 
 SERVICE = "redis-server"
@@ -84,7 +86,10 @@ def _resolve(host, name):
     ``fleet_private_address`` is ``{{ ansible_host }}`` and passwords are
     password lookups, so templated values are resolved with the debug module.
     """
-    value = host.ansible.get_variables().get(name)
+    variables = host.ansible.get_variables()
+    if name not in variables and name in FLEET_DEFAULTS:
+        return FLEET_DEFAULTS[name]  # a role default (roles/fleet), not the inventory's
+    value = variables.get(name)
     if isinstance(value, str) and "{{" not in value and "{%" not in value:
         return value
     result = host.ansible("ansible.builtin.debug", f"var={name}", check=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import pytest
 testinfra_hosts = ["ansible://workers"]
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = "/opt/fleetapp/venv"
+VENV = "/opt/celery-fleet/venv"
 APP = "fleetapp.celery:app"
-QUEUES = ["network", "default"]  # roles/celery_worker/defaults/main.yml
+QUEUES = ["network", "default"]  # fleet_app_queues in inventory/lab
 POOLS = {"network": "gevent", "default": "prefork"}
 
 HARDENING = {
@@ -86,7 +87,7 @@ def test_instance_hardening(host, queue):
     )
     for name, expected in HARDENING.items():
         assert props.get(name) == expected, f"{unit}: {name}={props.get(name)!r}"
-    assert "/var/lib/celery" in props["ReadWritePaths"].split()
+    assert "/var/lib/celery-fleet" in props["ReadWritePaths"].split()
     assert set(props["RestrictAddressFamilies"].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
     assert props["SystemCallArchitectures"] == "native"
 
@@ -100,34 +101,55 @@ def test_stop_timeout_exceeds_task_time_limit(host, queue):
 
 @pytest.mark.parametrize("queue", QUEUES)
 def test_instance_config(host, queue):
-    env = host.file(f"/etc/fleetapp/worker-{queue}.env")
+    env = host.file(f"/etc/celery-fleet/worker-{queue}.env")
     assert env.is_file
     assert (env.user, env.group, env.mode) == ("root", "celery", 0o640)
     assert f"--pool={POOLS[queue]}" in env.content_string
+    assert f"--queues={queue}" in env.content_string
 
 
 @pytest.mark.parametrize("queue", QUEUES)
 def test_node_name_answers_ping(host, queue):
     node = f"{queue}@{host.check_output('hostname')}"
-    cmd = host.run(f"{VENV}/bin/celery --app={APP} inspect ping --destination={node} --timeout=10")
+    cmd = host.run(
+        f"FLEET_ENV_FILE=/etc/celery-fleet/app.env {VENV}/bin/fleet-celery --app={APP}"
+        f" inspect ping --destination={node} --timeout=10"
+    )
     assert cmd.rc == 0 and node in cmd.stdout, cmd.stdout + cmd.stderr
 
 
 def test_system_user(host):
     celery = host.user("celery")
     assert celery.exists
-    assert celery.home == "/var/lib/celery"
+    assert celery.home == "/var/lib/celery-fleet"
     assert celery.shell in ("/usr/sbin/nologin", "/sbin/nologin")
     assert celery.uid < 1000
 
 
-@pytest.mark.parametrize("package", ["fleetapp", "gevent"])
+@pytest.mark.parametrize("package", ["fleetapp", "gevent", "celery-fleet-runtime"])
 def test_venv_packages(host, package):
     out = host.check_output(
         f"{VENV}/bin/python -c 'import importlib.metadata as m; print(m.version(\"{package}\"))'"
     )
     if package == "fleetapp":
         assert out.strip() == app_version()
+
+
+@pytest.mark.parametrize("queue", QUEUES)
+def test_workers_run_with_the_fleets_settings(host, queue):
+    """The app sets none of these: the runtime gives them as defaults (celery inspect conf)."""
+    node = f"{queue}@{host.check_output('hostname')}"
+    cmd = host.run(
+        f"FLEET_ENV_FILE=/etc/celery-fleet/app.env {VENV}/bin/fleet-celery --app={APP}"
+        f" inspect conf --destination={node} --timeout=10 --json"
+    )
+    assert cmd.rc == 0, cmd.stdout + cmd.stderr
+    conf = json.loads(cmd.stdout)[node]
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["accept_content"] == ["json"]
+    assert conf["broker_transport_options"]["visibility_timeout"] == 30
+    assert conf["task_time_limit"] == 60
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ __all__ = ["TASK_MODULES", "app", "celery_config", "create_app"]
 def create_app(settings: Settings | None = None) -> Celery:
     """A configured app; tests build their own with a different environment."""
     settings = settings or load_settings()
-    celery_app = Celery("fleetapp", include=TASK_MODULES, events="fleetapp.events:FleetEvents")
+    celery_app = Celery("fleetapp", include=TASK_MODULES)
     celery_app.config_from_object(celery_config(settings))
     celery_app.fleet_settings = settings  # type: ignore[attr-defined]
     # Import the task modules now, so a client knows the same names a worker registers.

@@ -1,7 +1,10 @@
 """Settings from the environment (optionally seeded from an env file).
 
-The Ansible roles write these exact variable names; keep them stable:
+The application's own settings; a deployment (celery-fleet) hands it the broker through
+Celery's own variables, which win over the FLEETAPP_* ones:
 
+    CELERY_BROKER_URL               Celery's variable: the broker URL, credentials included
+    CELERY_RESULT_BACKEND           Celery's variable: the result backend URL
     FLEETAPP_ENV_FILE               env file to load first (default /etc/fleetapp/fleetapp.env
                                     if it exists); the real environment wins over the file
     FLEETAPP_BROKER_URL             redis://host:port/db, no credentials (default
@@ -11,14 +14,10 @@ The Ansible roles write these exact variable names; keep them stable:
     FLEETAPP_REDIS_PASSWORD         its password; never printed or logged
     FLEETAPP_REDIS_TLS              true/false: rediss:// with certificate verification
     FLEETAPP_REDIS_CA_FILE          CA bundle to verify the Redis server with (needs TLS)
-    FLEETAPP_TASK_TIME_LIMIT        hard limit per task in seconds (default 300)
-    FLEETAPP_TASK_SOFT_TIME_LIMIT   soft limit in seconds (default 270, below the hard limit)
-    FLEETAPP_VISIBILITY_TIMEOUT     lease on a delivered message, in seconds (default 120, at least
-                                    10): a worker renews it for what it holds (celery-fleet's
-                                    runtime), so it bounds how long a message held by a vanished
-                                    worker waits, not how long a task may run
     FLEETAPP_DEFAULT_QUEUE          queue for everything else (default "default")
     FLEETAPP_NETWORK_QUEUE          queue for network-bound tasks (default "network")
+
+Time limits, leases and retries are the deployment's (celery-fleet's FLEET_* variables).
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 DEFAULT_ENV_FILE = "/etc/fleetapp/fleetapp.env"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
-MIN_VISIBILITY_TIMEOUT = 10
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -55,9 +53,6 @@ class Settings:
     redis_password: str | None = field(default=None, repr=False)
     tls: bool = False
     ca_file: str | None = None
-    task_time_limit: int = 300
-    task_soft_time_limit: int = 270
-    visibility_timeout: int = 120
     default_queue: str = "default"
     network_queue: str = "network"
 
@@ -130,19 +125,6 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {raw!r}")
 
 
-def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a whole number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name}: must be greater than 0, got {value}")
-    return value
-
-
 def _queue(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, "").strip() or default
     if not _QUEUE_RE.fullmatch(value):
@@ -187,8 +169,12 @@ def _redis_url(name: str, url: str, username: str | None, password: str | None, 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from the environment; raises ConfigError with a one-line message."""
     env = load_environment(environ)
-    broker = env.get("FLEETAPP_BROKER_URL", "").strip() or DEFAULT_BROKER_URL
-    backend = env.get("FLEETAPP_RESULT_BACKEND", "").strip() or broker
+    broker_name = "CELERY_BROKER_URL" if env.get("CELERY_BROKER_URL") else "FLEETAPP_BROKER_URL"
+    broker = env.get(broker_name, "").strip() or DEFAULT_BROKER_URL
+    backend_name = (
+        "CELERY_RESULT_BACKEND" if env.get("CELERY_RESULT_BACKEND") else "FLEETAPP_RESULT_BACKEND"
+    )
+    backend = env.get(backend_name, "").strip() or broker
     username = env.get("FLEETAPP_REDIS_USERNAME") or None
     password = env.get("FLEETAPP_REDIS_PASSWORD") or None
 
@@ -201,31 +187,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if not Path(ca_file).is_file():
             raise ConfigError(f"FLEETAPP_REDIS_CA_FILE: no such file {ca_file}")
 
-    time_limit = _positive_int(env, "FLEETAPP_TASK_TIME_LIMIT", 300)
-    soft_default = 270 if time_limit > 270 else max(1, time_limit * 9 // 10)
-    soft_limit = _positive_int(env, "FLEETAPP_TASK_SOFT_TIME_LIMIT", soft_default)
-    if soft_limit > time_limit:
-        raise ConfigError(
-            f"FLEETAPP_TASK_SOFT_TIME_LIMIT: {soft_limit} exceeds"
-            f" FLEETAPP_TASK_TIME_LIMIT {time_limit}"
-        )
-    visibility = _positive_int(env, "FLEETAPP_VISIBILITY_TIMEOUT", 120)
-    if visibility < MIN_VISIBILITY_TIMEOUT:
-        # Leases are renewed every tenth of it; shorter would not survive a slow round trip.
-        raise ConfigError(
-            f"FLEETAPP_VISIBILITY_TIMEOUT: {visibility} is below {MIN_VISIBILITY_TIMEOUT} s"
-        )
-
     return Settings(
-        broker_url=_redis_url("FLEETAPP_BROKER_URL", broker, username, password, tls),
-        result_backend=_redis_url("FLEETAPP_RESULT_BACKEND", backend, username, password, tls),
+        broker_url=_redis_url(broker_name, broker, username, password, tls),
+        result_backend=_redis_url(backend_name, backend, username, password, tls),
         redis_username=username,
         redis_password=password,
         tls=tls,
         ca_file=ca_file,
-        task_time_limit=time_limit,
-        task_soft_time_limit=soft_limit,
-        visibility_timeout=visibility,
         default_queue=_queue(env, "FLEETAPP_DEFAULT_QUEUE", "default"),
         network_queue=_queue(env, "FLEETAPP_NETWORK_QUEUE", "network"),
     )

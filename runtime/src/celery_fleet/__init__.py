@@ -1,7 +1,10 @@
-"""celery-fleet's runtime: loaded into every Celery process the fleet starts (``fleet-celery``).
+"""celery-fleet's runtime: loaded into every Celery process the fleet starts.
 
-It changes no application code. ``activate()`` applies the fixes in :mod:`celery_fleet.patches`
-and, in a worker, adds the lease keeper (:mod:`celery_fleet.lease`) to the consumer.
+``fleet-celery`` (the ``celery`` command) and ``fleet-python`` (the Python interpreter) activate
+it before the application is imported; it changes no application code. ``activate()`` gives every
+Celery app the fleet's settings as defaults (:mod:`celery_fleet.config`), applies the fixes in
+:mod:`celery_fleet.patches` and :mod:`celery_fleet.transport`, and, in a worker, adds the lease
+keeper (:mod:`celery_fleet.lease`) to the consumer.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ __all__ = ["__version__", "activate"]
 
 def activate() -> None:
     """Apply the fleet's fixes and hooks to this process (idempotent)."""
-    from celery_fleet import lease, patches, transport
+    from celery_fleet import config, lease, patches, transport
 
+    config.fleet_settings()  # a bad FLEET_* value fails here, in one line, not at first use
+    config.install()
     patches.apply()
     transport.install()
     lease.install()

@@ -139,7 +139,8 @@ class LeaseKeeper:
         # Short timeouts: a renewal that cannot get through must fail well within the lease.
         timeout = max(1.0, self.renew_every)
         options = dict(self.app.conf.broker_transport_options or {})
-        options.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+        # One connection attempt per tick: the loop retries, kombu's own loop would never return.
+        options.update(socket_timeout=timeout, socket_connect_timeout=timeout, max_retries=0)
         return options
 
     def _channel(self) -> Any:

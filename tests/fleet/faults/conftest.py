@@ -28,7 +28,8 @@ from tests.fleet.conftest import secret
 from tests.fleet.faults.ledger import Report, report
 
 WEBFARM = "http://198.18.0.1:8080"
-APP_PYTHON = "/usr/local/bin/fleet-fault-python"
+# The client's own interpreter for the app, with the fleet's settings (as a user's code runs).
+APP_PYTHON = "/usr/local/bin/fleet-python"
 LOADGEN = "/usr/local/lib/fleet-faults/loadgen.py"
 FULL = os.environ.get("FLEET_FAULTS_SIZE", "small") == "full"
 REPORTS: list[Report] = []
@@ -40,19 +41,10 @@ def size(small: int, full: int) -> int:
 
 @pytest.fixture(scope="session", autouse=True)
 def loadgen_on_client() -> Iterator[None]:
-    # The app's interpreter with the app's environment, as the CLI sees it.
-    wrapper = (
-        "#!/bin/sh\nset -a\n. /etc/fleetapp/fleetapp.env\nset +a\n"
-        'exec /opt/fleetapp/venv/bin/python "$@"\n'
-    )
-    on(
-        "client1",
-        f"install -d /usr/local/lib/fleet-faults && cat > {APP_PYTHON} && chmod 0755 {APP_PYTHON}",
-        input=wrapper,
-    )
-    on("client1", f"cat > {LOADGEN}", input=(Path(__file__).parent / "loadgen.py").read_text())
+    loadgen = (Path(__file__).parent / "loadgen.py").read_text()
+    on("client1", f"install -d /usr/local/lib/fleet-faults && cat > {LOADGEN}", input=loadgen)
     yield
-    on("client1", f"rm -rf {APP_PYTHON} /usr/local/lib/fleet-faults")
+    on("client1", "rm -rf /usr/local/lib/fleet-faults")
 
 
 def redis_cli(*commands: str) -> list[str]:

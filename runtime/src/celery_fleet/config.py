@@ -1,0 +1,188 @@
+"""The fleet's Celery settings, applied as defaults to every app a fleet process creates.
+
+The roles write the deployment's values as environment variables (``/etc/celery-fleet/app.env``,
+read by the units and by ``fleet-python``/``fleet-celery``)::
+
+    CELERY_BROKER_URL, CELERY_RESULT_BACKEND   Celery's own: preferred to anything in the app
+    FLEET_TASK_TIME_LIMIT                      hard limit per task, s (default 300)
+    FLEET_TASK_SOFT_TIME_LIMIT                 soft limit, s (default: 90 % of the hard limit)
+    FLEET_VISIBILITY_TIMEOUT                   lease on a delivered message, s (default 120, >= 10)
+    FLEET_REDIS_CA_FILE                        CA to verify a rediss:// server with (optional)
+
+They are *defaults* (``Celery.add_defaults``): a setting the application makes itself, in its
+config module or with ``app.conf.update``, wins over the fleet's. A broker or result backend URL
+hard-coded in the app loses to ``CELERY_BROKER_URL``/``CELERY_RESULT_BACKEND``: Celery reads the
+environment first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+MIN_VISIBILITY_TIMEOUT = 10
+_ENV_LINE = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
+# Bounded sockets: neither a client nor a worker blocks for minutes when Redis vanishes
+# (Celery's defaults: no socket timeout on the broker, 120 s on the backend).
+SOCKET_TIMEOUT = 15.0
+SOCKET_CONNECT_TIMEOUT = 5.0
+HEALTH_CHECK_INTERVAL = 10
+
+
+class ConfigError(ValueError):
+    """A FLEET_* setting is invalid; the message is one line naming the variable."""
+
+
+def load_env_file(environ: dict[str, str] | None = None) -> None:
+    """Read FLEET_ENV_FILE (the app's env file) into the environment; the environment wins.
+
+    So a command run by root can be given the app's environment by naming the file, without
+    putting a password on a command line.
+    """
+    env = os.environ if environ is None else environ
+    path = env.get("FLEET_ENV_FILE", "").strip()
+    if not path:
+        return
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"FLEET_ENV_FILE: cannot read {path}: {exc.strerror or exc}") from None
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _ENV_LINE.fullmatch(line)
+        if not match:
+            raise ConfigError(f"FLEET_ENV_FILE: {path}:{number}: expected KEY=VALUE")
+        env.setdefault(match.group(1), match.group(2))
+
+
+def _seconds(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name}: must be greater than 0, got {value}")
+    return value
+
+
+def soft_time_limit(hard: int) -> int:
+    """The soft limit derived from the hard one: 90 %, so a task can clean up before the kill."""
+    return max(1, hard * 9 // 10)
+
+
+def fleet_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The fleet's Celery settings for this environment (raises ConfigError)."""
+    env = os.environ if environ is None else environ
+    hard = _seconds(env, "FLEET_TASK_TIME_LIMIT", 300)
+    soft = _seconds(env, "FLEET_TASK_SOFT_TIME_LIMIT", soft_time_limit(hard))
+    if soft >= hard:
+        raise ConfigError(
+            f"FLEET_TASK_SOFT_TIME_LIMIT: {soft} must be below FLEET_TASK_TIME_LIMIT {hard}"
+        )
+    lease = _seconds(env, "FLEET_VISIBILITY_TIMEOUT", 120)
+    if lease < MIN_VISIBILITY_TIMEOUT:
+        # Renewed every tenth of it: shorter would not survive one slow round trip.
+        raise ConfigError(f"FLEET_VISIBILITY_TIMEOUT: {lease} is below {MIN_VISIBILITY_TIMEOUT} s")
+    ssl_options: dict[str, Any] | None = None
+    ca_file = env.get("FLEET_REDIS_CA_FILE", "").strip()
+    if ca_file:
+        ssl_options = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_file}
+
+    settings: dict[str, Any] = {
+        # JSON only: a pickled message must never be deserialized (remote code execution).
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Flower needs the events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        # At-least-once: acknowledge after the task ran, requeue if the worker died mid-task,
+        # take one message at a time so a long task does not hold others hostage.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # A task running when the broker connection drops keeps running and acknowledges once
+        # Redis answers (the lease keeper holds its message meanwhile); cancelling it would only
+        # run it again.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # A result that cannot be stored while Redis restarts is stored when it is back, instead
+        # of turning a task that ran into a FAILURE (about five minutes of tries).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "broker_transport_options": {
+            # The lease on a delivered message, renewed by the worker that holds it.
+            "visibility_timeout": lease,
+            "socket_timeout": SOCKET_TIMEOUT,
+            "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT,
+            "socket_keepalive": True,
+            "health_check_interval": HEALTH_CHECK_INTERVAL,
+            # kombu's own sweep for expired leases every 10 s (not ~100 s); the lease keeper
+            # sweeps too.
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+            # A sweeper cut off while holding kombu's lock blocks every sweep until it expires.
+            "unacked_mutex_expire": 30,
+            # One list per queue, so a worker can take a message with one atomic BLMOVE.
+            "priority_steps": [0],
+        },
+        "result_backend_transport_options": {
+            "visibility_timeout": lease,
+            "retry_policy": {"timeout": SOCKET_TIMEOUT},
+        },
+        "redis_socket_timeout": SOCKET_TIMEOUT,
+        "redis_socket_connect_timeout": SOCKET_CONNECT_TIMEOUT,
+        "redis_socket_keepalive": True,
+        "redis_backend_health_check_interval": HEALTH_CHECK_INTERVAL,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": SOCKET_CONNECT_TIMEOUT,
+        # A client publishing while Redis is down fails in seconds instead of retrying forever.
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+        "result_expires": 24 * 3600,
+        "task_time_limit": hard,
+        "task_soft_time_limit": soft,
+        # Workers started with -Q <name> get that queue declared.
+        "task_create_missing_queues": True,
+    }
+    if ssl_options is not None:
+        settings["broker_use_ssl"] = ssl_options
+        settings["redis_backend_use_ssl"] = ssl_options
+    return settings
+
+
+DEFAULT_EVENTS = "celery.app.events:Events"
+FLEET_EVENTS = "celery_fleet.events:FleetEvents"
+
+
+def install() -> None:
+    """Every Celery app this process creates gets the fleet's settings as its defaults."""
+    from celery import Celery
+
+    if getattr(Celery, "_fleet_installed", False):
+        return
+    original_init = Celery.__init__
+
+    def __init__(self: Celery, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.add_defaults(fleet_settings)
+        if self.events_cls == DEFAULT_EVENTS:
+            self.events_cls = FLEET_EVENTS
+
+    Celery.__init__ = __init__  # type: ignore[method-assign]
+    Celery._fleet_installed = True  # type: ignore[attr-defined]

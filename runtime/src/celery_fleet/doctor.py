@@ -1,0 +1,347 @@
+"""``fleet-doctor``: is this Celery application served by the fleet?
+
+For any application: the broker and result backend answer and accept the credentials, workers
+are online, every task the application defines is registered by a worker that consumes the
+queue it is routed to, and no queue with messages lacks a consumer. When a client sends a name
+the workers do not know, it names the tutorial's trap in one sentence.
+
+Every network call is bounded, so a dead Redis never hangs it. Exit codes:
+
+  0  healthy                      4  broker unreachable
+  1  another problem              5  credentials rejected
+  3  invalid configuration        6  no worker, or a queue without a consumer
+                                  7  a task the workers did not register
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 3
+EXIT_BROKER_DOWN = 4
+EXIT_AUTH = 5
+EXIT_NO_WORKERS = 6
+EXIT_UNKNOWN_TASK = 7
+
+REDIS_TIMEOUT = 3.0
+TRAP = '"Received unregistered task" trap'
+
+
+class DoctorError(Exception):
+    """An expected failure: one line and an exit code, no traceback."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.message = message
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials, safe to print."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def redis_client(app: Any, url: str, timeout: float = REDIS_TIMEOUT) -> Any:
+    """A plain redis-py client for one of the app's URLs: hard timeouts, no retries."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    ssl_options = app.conf.broker_use_ssl
+    if url.startswith("rediss://") and isinstance(ssl_options, dict):
+        kwargs.update({k: v for k, v in ssl_options.items() if k.startswith("ssl_")})
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def check_redis(app: Any, url: str, what: str) -> None:
+    import redis
+
+    shown = redact_url(url)
+    if urlsplit(url).scheme not in ("redis", "rediss"):
+        raise DoctorError(EXIT_CONFIG, f"the {what} {shown} is not a redis:// or rediss:// URL")
+    client = redis_client(app, url)
+    try:
+        client.ping()
+    except (redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        raise DoctorError(
+            EXIT_AUTH, f"the {what} {shown} rejected the credentials: {exc}"
+        ) from None
+    except redis.exceptions.ResponseError as exc:
+        if any(word in str(exc) for word in ("NOAUTH", "WRONGPASS", "NOPERM")):
+            raise DoctorError(
+                EXIT_AUTH, f"the {what} {shown} rejected the credentials: {exc}"
+            ) from None
+        raise DoctorError(EXIT_BROKER_DOWN, f"the {what} {shown} answered: {exc}") from None
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise DoctorError(EXIT_BROKER_DOWN, f"cannot reach the {what} at {shown}: {exc}") from None
+    finally:
+        client.close()
+
+
+def check_backends(app: Any) -> None:
+    broker, backend = str(app.conf.broker_url or ""), str(app.conf.result_backend or "")
+    check_redis(app, broker, "broker")
+    if backend and backend != broker:
+        check_redis(app, backend, "result backend")
+
+
+@dataclass
+class Worker:
+    tasks: list[str] = field(default_factory=list)
+    queues: list[str] = field(default_factory=list)
+
+
+def inspect_workers(app: Any, timeout: float) -> dict[str, Worker]:
+    """Workers that answered within ``timeout``: their registered tasks and queues."""
+    registered = app.control.inspect(timeout=timeout).registered() or {}
+    if not registered:
+        return {}
+    hosts = sorted(registered)
+    # We know who is there: the second question returns as soon as they all answered.
+    active = (
+        app.control.inspect(timeout=timeout, destination=hosts, limit=len(hosts)).active_queues()
+        or {}
+    )
+    return {
+        host: Worker(
+            tasks=sorted(registered.get(host) or []),
+            queues=sorted(q.get("name", "?") for q in active.get(host) or []),
+        )
+        for host in sorted(set(registered) | set(active))
+    }
+
+
+def describe(app: Any) -> dict[str, Any]:
+    """What the application sends: its default queue and {task name: queue}."""
+    app.loader.import_default_modules()
+    default = app.conf.task_default_queue
+    tasks: dict[str, str] = {}
+    for name in sorted(app.tasks):
+        if name.startswith("celery."):
+            continue
+        queue = app.amqp.router.route({}, name).get("queue")
+        tasks[name] = getattr(queue, "name", None) or default
+    return {"default_queue": default, "tasks": tasks}
+
+
+def explain_missing(name: str, worker_tasks: set[str]) -> str:
+    """One sentence naming the tutorial's trap for a task the workers do not know."""
+    short = name.rsplit(".", 1)[-1]
+    # Same function name in another module first (the tutorial's case); else the closest names.
+    similar = sorted(t for t in worker_tasks if t.rsplit(".", 1)[-1] == short)
+    similar = similar or difflib.get_close_matches(name, worker_tasks, n=2)
+    if similar:
+        others = " and ".join(f"'{t}'" for t in similar)
+        return (
+            f"The client sends '{name}' but the workers registered {others}: the tutorial's"
+            f" {TRAP} (a worker drops such a message), so give clients and workers the same"
+            " task names: the same code, and explicit names (@app.task(name=...))."
+        )
+    return (
+        f"The client sends '{name}' but no online worker registered it: the tutorial's {TRAP}"
+        " (a worker drops such a message), so deploy the code that defines it to the workers."
+    )
+
+
+def queue_length(client: Any, queue: str) -> int:
+    return int(client.llen(queue))
+
+
+@dataclass
+class Report:
+    broker: str
+    result_backend: str
+    broker_ok: bool = False
+    workers: dict[str, Worker] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    queues: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+
+    @property
+    def healthy(self) -> bool:
+        return self.exit_code == EXIT_OK
+
+    def fail(self, exit_code: int, problem: str) -> None:
+        self.problems.append(problem)
+        if self.exit_code == EXIT_OK:  # the first (most fundamental) failure decides
+            self.exit_code = exit_code
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["healthy"] = self.healthy
+        return data
+
+
+def diagnose(app: Any, timeout: float = 2.0) -> Report:
+    """Broker, workers, task names and queues; never raises for expected failures."""
+    import redis
+
+    report = Report(
+        broker=redact_url(str(app.conf.broker_url or "")),
+        result_backend=redact_url(str(app.conf.result_backend or "")),
+    )
+    try:
+        check_backends(app)
+    except DoctorError as exc:
+        report.fail(exc.exit_code, exc.message)
+        return report
+    report.broker_ok = True
+
+    known = describe(app)["tasks"]
+    try:
+        report.workers = inspect_workers(app, timeout)
+    except (OSError, redis.exceptions.RedisError) as exc:
+        report.fail(EXIT_BROKER_DOWN, f"could not reach the workers through the broker: {exc}")
+        return report
+    consumed = {q for w in report.workers.values() for q in w.queues}
+    queues = sorted({app.conf.task_default_queue, *known.values(), *consumed})
+    client = redis_client(app, str(app.conf.broker_url))
+    try:
+        report.queues = {queue: queue_length(client, queue) for queue in queues}
+    except redis.exceptions.RedisError as exc:
+        report.fail(EXIT_BROKER_DOWN, f"could not read queue lengths: {exc}")
+    finally:
+        client.close()
+    if not report.workers:
+        report.fail(EXIT_NO_WORKERS, f"no worker answered within {timeout:g} s")
+        return report
+
+    all_worker_tasks = {t for w in report.workers.values() for t in w.tasks}
+    for name, queue in known.items():
+        on = sorted(h for h, w in report.workers.items() if name in w.tasks)
+        consumers = sorted(h for h, w in report.workers.items() if queue in w.queues)
+        serving = sorted(set(on) & set(consumers))
+        report.tasks[name] = {"queue": queue, "registered_on": on, "serving": serving}
+        if not on:
+            report.fail(EXIT_UNKNOWN_TASK, explain_missing(name, all_worker_tasks))
+        elif not consumers:
+            report.fail(
+                EXIT_NO_WORKERS, f"no worker consumes queue '{queue}', where '{name}' is routed"
+            )
+        elif not serving:
+            report.fail(
+                EXIT_UNKNOWN_TASK,
+                f"the workers consuming queue '{queue}' ({', '.join(consumers)}) do not have"
+                f" '{name}' registered: the tutorial's {TRAP}",
+            )
+    for queue, length in report.queues.items():
+        if length and queue not in consumed:
+            report.fail(
+                EXIT_NO_WORKERS,
+                f"queue '{queue}' holds {length} message(s) and no worker consumes it",
+            )
+    return report
+
+
+def preflight(app: Any, names: list[str], timeout: float = 1.5) -> None:
+    """Fail fast (DoctorError) before sending: broker, credentials, workers, task names."""
+    check_backends(app)
+    workers = inspect_workers(app, timeout)
+    if not workers:
+        raise DoctorError(EXIT_NO_WORKERS, f"no worker answered within {timeout:g} s")
+    known = describe(app)["tasks"]
+    all_worker_tasks = {t for w in workers.values() for t in w.tasks}
+    for name in names:
+        queue = known.get(name, app.conf.task_default_queue)
+        if name not in all_worker_tasks:
+            raise DoctorError(EXIT_UNKNOWN_TASK, explain_missing(name, all_worker_tasks))
+        if not any(queue in w.queues and name in w.tasks for w in workers.values()):
+            raise DoctorError(EXIT_NO_WORKERS, f"no worker with '{name}' consumes queue '{queue}'")
+
+
+def render(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    console.print(f"broker: {report.broker}  result backend: {report.result_backend}")
+    if report.workers:
+        table = Table(title="workers")
+        for column in ("worker", "queues", "tasks"):
+            table.add_column(column)
+        for host, worker in report.workers.items():
+            table.add_row(host, ", ".join(worker.queues), str(len(worker.tasks)))
+        console.print(table)
+    if report.tasks:
+        table = Table(title="tasks this application sends")
+        for column in ("task", "queue", "served by"):
+            table.add_column(column)
+        for name, info in report.tasks.items():
+            table.add_row(name, info["queue"], ", ".join(info["serving"]) or "[red]nobody[/]")
+        console.print(table)
+    if report.queues:
+        console.print("queues: " + ", ".join(f"{q}={n}" for q, n in report.queues.items()))
+    for problem in report.problems:
+        console.print(f"[bold red]problem:[/] {problem}", highlight=False)
+    console.print("[green]healthy[/]" if report.healthy else "[red]not healthy[/]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from celery_fleet.config import ConfigError, load_env_file
+
+    try:
+        load_env_file()  # FLEET_ENV_FILE: the app's environment, FLEET_APP included
+    except ConfigError as exc:
+        print(f"fleet-doctor: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    parser = argparse.ArgumentParser(prog="fleet-doctor", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "-A",
+        "--app",
+        default=os.environ.get("FLEET_APP"),
+        help="the Celery app (default $FLEET_APP)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for workers")
+    parser.add_argument(
+        "--describe", action="store_true", help="print the app's tasks and their queues, as JSON"
+    )
+    args = parser.parse_args(argv)
+    if not args.app:
+        parser.error("no app: pass -A/--app or set FLEET_APP")
+
+    import celery_fleet
+
+    try:
+        celery_fleet.activate()
+    except ConfigError as exc:
+        print(f"fleet-doctor: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from celery.bin.celery import find_app
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        app = find_app(args.app)
+    except Exception as exc:  # the user's import failed: say which, in one line
+        print(f"fleet-doctor: cannot load the app {args.app!r}: {exc!r}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.describe:
+        print(json.dumps(describe(app), indent=2))
+        return EXIT_OK
+    report = diagnose(app, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        render(report)
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
