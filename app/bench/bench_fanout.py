@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fleetapp.celery import create_app
@@ -47,10 +48,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait(predicate: object, timeout: float, what: str) -> None:
+def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(0.05)
     raise SystemExit(f"bench: timed out waiting for {what}")
@@ -103,7 +104,8 @@ def main() -> int:
                 subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
             )
         app = create_app(load_settings(env))
-        wait(lambda: len(app.control.ping(timeout=0.3)) >= WORKERS, 30, "workers")
+        # Typed Optional (a broadcast without replies); ping waits for replies, so a list.
+        wait(lambda: len(app.control.ping(timeout=0.3) or ()) >= WORKERS, 30, "workers")
 
         urls = [f"{farm.url}/delay/{DELAY:g}?n={i}" for i in range(N_URLS)]
         console.print(f"[bold]{N_URLS} URLs x {DELAY:g} s[/], {WORKERS} gevent workers")
