@@ -17,7 +17,7 @@ token with the caller's address, its arrival, when the answer was sent and wheth
 whole. The fault tests count executions here, outside Redis and outside Celery's bookkeeping.
 
 In process:  server = serve("127.0.0.1", 0); port = server.server_address[1]; server.close()
-As a CLI:    python -m fleetlab.webfarm --host 198.18.0.1 --port 8080
+As a CLI:    python -m fleettest.webfarm --host 198.18.0.1 --port 8080
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class WebFarm(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: WebFarm
     protocol_version = "HTTP/1.1"
-    server_version = "fleetlab-webfarm/1"
+    server_version = "fleettest-webfarm/1"
 
     def log_message(self, format: str, *args: object) -> None:
         # Quiet by default: tests and the benchmark issue thousands of requests.
@@ -284,7 +284,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, *, verbose: bool = False) -> W
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fleetlab.webfarm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fleettest.webfarm", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port to bind (default 8080)")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
