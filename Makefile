@@ -51,11 +51,12 @@ faults: setup ## The fault suite at full size on the lab (deploys; the lab stays
 	$(LAB) up
 	FLEET_FAULTS_SIZE=full PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -p no:cacheprovider tests/fleet/faults
 
-lint: venv ## ansible-lint (production profile), yamllint, ruff
+lint: venv ## ansible-lint (production profile), yamllint, ruff, mypy --strict
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(PY) tests/lint/check_role_specs.py
 
 lab-up: setup ## Bring the lab up (default topology)

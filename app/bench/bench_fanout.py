@@ -18,7 +18,7 @@ from pathlib import Path
 from fleetapp.celery import create_app
 from fleetapp.config import load_settings
 from fleetapp.fanout import fetch_many, fetch_sequential, timed
-from fleettest.local import start_redis, start_worker, wait_for
+from fleettest.local import Worker, start_redis, start_worker, wait_for
 from fleettest.sample import fleet_env
 from fleettest.webfarm import serve
 from rich.console import Console
@@ -38,7 +38,7 @@ def main() -> int:
     farm = serve("127.0.0.1", 0)
     (workdir / "empty.env").write_text("")
     env = fleet_env(redis, workdir / "empty.env")
-    workers = []
+    workers: list[Worker] = []
     try:
         for i in range(WORKERS):
             worker = start_worker(
@@ -52,7 +52,7 @@ def main() -> int:
             )
             workers.append(worker)
         app = create_app(load_settings(env))
-        wait_for(lambda: len(app.control.ping(timeout=0.3)) >= WORKERS, 30, "workers")
+        wait_for(lambda: len(app.control.ping(timeout=0.3) or ()) >= WORKERS, 30, "workers")
 
         urls = [f"{farm.url}/delay/{DELAY:g}?n={i}" for i in range(N_URLS)]
         console.print(f"[bold]{N_URLS} URLs x {DELAY:g} s[/], {WORKERS} gevent workers")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery, group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import GroupResult
 
 from fleetapp.fetching import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, FetchResult, fetch, validate_url
 
@@ -26,7 +27,7 @@ def _from_meta(url: str, meta: dict[str, Any]) -> FetchResult:
     status = meta.get("status")
     result = meta.get("result")
     if status == "SUCCESS" and isinstance(result, dict):
-        return result  # type: ignore[return-value]
+        return cast(FetchResult, result)  # what fetch_url returns
     if isinstance(result, BaseException):
         exc_type, message = type(result).__name__, f"{type(result).__name__}: {result}"
     elif isinstance(result, dict) and "exc_type" in result:
@@ -70,11 +71,14 @@ def fetch_many(
     if not url_list:
         return
     if app is None:
-        from fleetapp.celery import app
+        from fleetapp.celery import app as default_app
+
+        app = default_app
     fetch_url = app.tasks[FETCH_TASK]
     signatures = [fetch_url.s(url, timeout=fetch_timeout, max_bytes=max_bytes) for url in url_list]
-    group_result = group(signatures).apply_async()
-    children = list(group_result.results)
+    # A group's apply_async returns a GroupResult (the stubs say AsyncResult).
+    group_result = cast(GroupResult, group(signatures).apply_async())
+    children = list(group_result.results or ())  # typed Optional; a sent group has its list
     url_by_id = {child.id: url for child, url in zip(children, url_list, strict=True)}
     pending = dict(url_by_id)
     try:

@@ -142,7 +142,8 @@ def classify(exc: BaseException) -> tuple[str, str, bool]:
 
 def backoff(attempt: int) -> float:
     """Seconds to wait before retry number ``attempt`` (0-based): 0.5, 1, 2, 4, ... <= 8."""
-    return min(BACKOFF_MAX, BACKOFF_BASE * (2**attempt))
+    # 2.0, not 2: int ** int is typed Any (a negative exponent gives a float); same values.
+    return min(BACKOFF_MAX, BACKOFF_BASE * (2.0**attempt))
 
 
 def _result(

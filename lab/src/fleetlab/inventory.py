@@ -29,7 +29,7 @@ def render(config: LabConfig, machines: list[Machine]) -> str:
             },
         }
     }
-    return HEADER + "---\n" + yaml.safe_dump(document, sort_keys=False)
+    return HEADER + "---\n" + str(yaml.safe_dump(document, sort_keys=False))
 
 
 def write(config: LabConfig, machines: list[Machine]) -> None:

@@ -178,7 +178,7 @@ def install() -> None:
         return
     original_init = Celery.__init__
 
-    def __init__(self: Celery, *args: Any, **kwargs: Any) -> None:
+    def __init__(self: Celery[Any], *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         self.add_defaults(fleet_settings)
         if self.events_cls == DEFAULT_EVENTS:

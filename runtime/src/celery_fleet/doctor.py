@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fleet-doctor: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    from celery.bin.celery import find_app
+    from celery.app.utils import find_app  # how `celery -A` loads an app
 
     sys.path.insert(0, os.getcwd())
     try:

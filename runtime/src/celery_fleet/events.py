@@ -23,7 +23,9 @@ EVENT_RETRY_POLICY: dict[str, Any] = {
 
 
 class BoundedEventDispatcher(EventDispatcher):
-    def send(
+    # Not Celery's positional order (utcoffset comes before retry there, Event after
+    # retry_policy): every Celery caller passes these by keyword, and **kwargs forwards them.
+    def send(  # type: ignore[override]
         self,
         type: str,
         blind: bool = False,

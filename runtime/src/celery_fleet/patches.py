@@ -75,7 +75,8 @@ def _patch_gevent_terminate() -> None:
 
         return killable_target
 
-    gevent_pool.TaskPool._make_killable_target = staticmethod(_make_killable_target)
+    # A private staticmethod (celery PR #9083), not in the type stubs.
+    gevent_pool.TaskPool._make_killable_target = staticmethod(_make_killable_target)  # type: ignore[attr-defined]
 
 
 def _patch_request_cancel() -> None:
@@ -89,7 +90,7 @@ def _patch_request_cancel() -> None:
             self._already_cancelled = True
         return original(self, pool, signal=signal, emit_retry=emit_retry)
 
-    Request.cancel = cancel
+    Request.cancel = cancel  # type: ignore[method-assign]
 
 
 def _patch_connection_loss_restore() -> None:
@@ -97,13 +98,13 @@ def _patch_connection_loss_restore() -> None:
 
     original = Consumer.on_connection_error_after_connected
 
-    def on_connection_error_after_connected(self: Any, exc: BaseException) -> Any:
+    def on_connection_error_after_connected(self: Any, exc: Exception) -> Any:
         transport = getattr(self.connection, "_transport", None)
         for channel in list(getattr(transport, "channels", None) or []):
             channel.do_restore = False
         return original(self, exc)
 
-    Consumer.on_connection_error_after_connected = on_connection_error_after_connected
+    Consumer.on_connection_error_after_connected = on_connection_error_after_connected  # type: ignore[method-assign]
 
 
 def _patch_kombu_clock() -> None:
@@ -111,7 +112,8 @@ def _patch_kombu_clock() -> None:
 
     from celery_fleet import clock
 
-    kombu_redis.time = clock.now  # the module's `from time import time`, used for stamps only
+    # The module's `from time import time`, used for stamps only (not in the type stubs).
+    kombu_redis.time = clock.now  # type: ignore[attr-defined]
 
 
 def _patch_redis_ack() -> None:
@@ -145,5 +147,5 @@ def _patch_redis_ack() -> None:
                 logger.warning("requeue of %s left to the lease keeper (%r)", delivery_tag, exc)
         VirtualQoS.ack(self, delivery_tag)
 
-    kombu_redis.QoS.ack = ack
-    kombu_redis.QoS.reject = reject
+    kombu_redis.QoS.ack = ack  # type: ignore[method-assign]
+    kombu_redis.QoS.reject = reject  # type: ignore[method-assign]

@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from queue import Empty
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
@@ -37,6 +37,23 @@ ALIVE_PREFIX = "_fleet.alive."
 
 _channel_numbers = itertools.count(1)
 
+if TYPE_CHECKING:
+
+    class _RedisChannel(kombu_redis.Channel):
+        # The private part of kombu's Redis channel (kombu 5.7) that Channel below overrides or
+        # uses: the type stubs describe only the public part.
+        connection_errors: tuple[type[BaseException], ...]
+        _in_poll: Any
+        _brpop_sent_at: float | None
+
+        def _brpop_start(self, timeout: float | None = None) -> None: ...
+        def _brpop_read(self, **options: Any) -> bool: ...
+        def _q_for_pri(self, queue: str, pri: int) -> str: ...
+        def _flush_brpop_reauth(self) -> None: ...
+
+else:
+    _RedisChannel = kombu_redis.Channel
+
 
 def owner_id() -> str:
     """This process, as named in processing lists and alive keys."""
@@ -44,6 +61,8 @@ def owner_id() -> str:
 
 
 class QoS(kombu_redis.QoS):
+    channel: Channel  # only the Channel below creates this QoS
+
     def append(self, message: Any, delivery_tag: str) -> None:
         popped = self.channel._fleet_popped.pop(delivery_tag, None)
         if popped is None:
@@ -52,7 +71,8 @@ class QoS(kombu_redis.QoS):
         delivery = message.delivery_info
         with self.pipe_or_acquire() as pipe:
             # One transaction: recorded as unacknowledged and out of the processing list.
-            pipe.zadd(self.unacked_index_key, {delivery_tag: kombu_redis.time()}).hset(
+            # kombu_redis.time: kombu's `from time import time` (patched to clock.now), not stubbed.
+            pipe.zadd(self.unacked_index_key, {delivery_tag: kombu_redis.time()}).hset(  # type: ignore[attr-defined]
                 self.unacked_key,
                 delivery_tag,
                 dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
@@ -60,7 +80,7 @@ class QoS(kombu_redis.QoS):
         VirtualQoS.append(self, message, delivery_tag)
 
 
-class Channel(kombu_redis.Channel):
+class Channel(_RedisChannel):
     QoS = QoS
     #: Set in worker processes (by the lease keeper, which reclaims processing lists).
     atomic_pop = False

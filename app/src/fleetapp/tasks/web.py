@@ -18,23 +18,25 @@ from fleetapp.fetching import (
 )
 
 
-class FetchTask(Task):
+class FetchTask(Task[Any, Any]):
     """Validates the URL on the sending side too, so a bad URL never gets enqueued."""
 
     def apply_async(
         self,
-        args: tuple[Any, ...] | list[Any] | None = None,
+        args: tuple[Any, ...] | None = None,
         kwargs: dict[str, Any] | None = None,
+        *rest: Any,
         **options: Any,
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
+        # *rest: Task.apply_async's other positional parameters (task_id, producer, ...).
         url = args[0] if args else (kwargs or {}).get("url")
         validate_url(url)
-        return super().apply_async(args, kwargs, **options)
+        return super().apply_async(args, kwargs, *rest, **options)
 
 
 @shared_task(bind=True, base=FetchTask, name="fleetapp.fetch_url", max_retries=RETRIES)
 def fetch_url(
-    self: Task,
+    self: Task[Any, Any],
     url: str,
     timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = DEFAULT_MAX_BYTES,
@@ -42,7 +44,8 @@ def fetch_url(
     """Fetch one URL; returns a FetchResult dict (errors included), never raises for bad input."""
     worker = self.request.hostname or "unknown"
     result, retryable = fetch_once(url, timeout=timeout, max_bytes=max_bytes, worker=worker)
-    if retryable and self.request.retries < self.max_retries:
+    # max_retries None is Celery's "retry forever" (this task sets RETRIES).
+    if retryable and (self.max_retries is None or self.request.retries < self.max_retries):
         # Re-queued with a countdown: the pool slot is free while we wait.
         raise self.retry(countdown=backoff(self.request.retries))
     return result

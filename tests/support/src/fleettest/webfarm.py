@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
@@ -93,7 +93,7 @@ class WebFarm(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> WebFarm:
         self._thread = threading.Thread(
@@ -147,7 +147,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, *, head: bool) -> None:
         path, _, query = self.path.partition("?")
         token = _LEDGER_TOKEN.fullmatch(parse_qs(query).get("ledger", [""])[0])
-        entry = self.server.ledger.start(*token.groups(), self.client_address[0]) if token else None
+        host = self.client_address[0]
+        entry = self.server.ledger.start(token[1], token[2], host) if token else None
         try:
             self._route(path, head=head)
         except (BrokenPipeError, ConnectionResetError):
@@ -176,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self._send(HTTPStatus.NOT_FOUND, {"error": "no such endpoint", "path": path}, head=head)
 
-    def _send(self, status: int, payload: dict[str, object], *, head: bool) -> None:
+    def _send(self, status: int, payload: Mapping[str, object], *, head: bool) -> None:
         body = (json.dumps(payload) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
