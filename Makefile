@@ -6,28 +6,35 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 PY        := $(BIN)/python
 LAB       := $(BIN)/lab
-STAMP     := $(VENV)/.setup-stamp
+VENV_STAMP := $(VENV)/.venv-stamp
+DEBS_STAMP := $(VENV)/.debs-stamp
 DEB_PKGS  := debootstrap systemd-container iproute2 apt-cacher-ng openssh-client redis-server nftables curl
 TUTORIAL_URLS := $(foreach i,1 2 3 4 5,http://198.18.0.1:8080/tutorial/$(i))
-SETUP_INPUTS := ansible/requirements.in ansible/constraints.txt ansible/lab/pyproject.toml app/pyproject.toml runtime/pyproject.toml
+PACKAGES  := lab app runtime tests/support
+VENV_INPUTS := ansible/requirements.in ansible/constraints.txt $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: help setup demo test faults lint lab-up lab-down bench bench-app deploy clean
+.PHONY: help venv setup demo test faults lint lab-up lab-down bench bench-app deploy clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Debian packages for the lab and a pinned control-node venv (.venv)
+venv: $(VENV_STAMP) ## The pinned control-node venv (.venv): Ansible, the lab, the app, test tools; no root
 
-$(STAMP): $(SETUP_INPUTS)
+setup: venv $(DEBS_STAMP) ## venv, plus the Debian packages the lab needs (root)
+
+$(VENV_STAMP): $(VENV_INPUTS)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q -c ansible/constraints.txt -r ansible/requirements.in
+	$(BIN)/pip install -q -c ansible/constraints.txt $(addprefix -e ,$(PACKAGES))
+	@touch $@
+
+$(DEBS_STAMP): $(VENV_STAMP)
 	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages: $$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	@test -x $(PY) || python3 -m venv $(VENV)
-	$(BIN)/pip install -q -c ansible/constraints.txt -r ansible/requirements.in
-	$(BIN)/pip install -q -c ansible/constraints.txt -e ansible/lab -e app -e runtime
 	@touch $@
 
 demo: setup ## The main job: lab up, deploy site.yml, run the tutorial's fan-out from client1
@@ -44,11 +51,12 @@ faults: setup ## The fault suite at full size on the lab (deploys; the lab stays
 	$(LAB) up
 	FLEET_FAULTS_SIZE=full PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -p no:cacheprovider tests/fleet/faults
 
-lint: setup ## ansible-lint (production profile), yamllint, ruff
+lint: venv ## ansible-lint (production profile), yamllint, ruff, mypy --strict
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(PY) tests/lint/check_role_specs.py
 
 lab-up: setup ## Bring the lab up (default topology)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fleettest.commands import BIN, run
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 LAB_NAMES = ["redis1", "worker1", "worker2", "client1", "monitor1"]
 
 
@@ -18,15 +17,7 @@ def lab(
     *args: str, check: bool = True, timeout: float = 300, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the `lab` command as a user would, from the repository root."""
-    result = subprocess.run(
-        [str(BIN / "lab"), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        input=input,
-    )
+    result = run([str(BIN / "lab"), *args], cwd=REPO, timeout=timeout, input=input)
     if check and result.returncode != 0:
         pytest.fail(
             f"lab {' '.join(args)} failed ({result.returncode}):\n{result.stderr}{result.stdout}"

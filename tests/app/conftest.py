@@ -9,15 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleetapp_testlib import (
-    Fleet,
-    RedisServer,
-    _webfarm,
-    fleet_env,
-    start_redis,
-    start_worker,
-    wait_ready,
-)
+from fleettest.local import RedisServer, start_redis, start_worker, wait_ready
+from fleettest.sample import Fleet, fleet_env
+from fleettest.webfarm import WebFarm, serve
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,8 +32,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="session")
-def webfarm() -> Iterator[_webfarm.WebFarm]:
-    server = _webfarm.serve("127.0.0.1", 0)
+def webfarm() -> Iterator[WebFarm]:
+    server = serve("127.0.0.1", 0)
     yield server
     server.close()
 

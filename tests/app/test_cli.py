@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from fleetapp_testlib import (
-    HERE,
-    PASSWORD,
-    fleet_env,
-    free_port,
-    run_cli,
-    start_worker,
-    wait_ready,
-)
+from fleettest.local import PASSWORD, free_port, start_worker, wait_ready
+from fleettest.sample import fleet_env, run_cli
+
+HERE = Path(__file__).resolve().parent
 
 EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_BROKER_DOWN, EXIT_AUTH = 1, 2, 3, 4, 5
 EXIT_NO_WORKERS, EXIT_UNKNOWN_TASK, EXIT_TIMEOUT = 6, 7, 8

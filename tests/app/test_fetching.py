@@ -7,7 +7,7 @@ import time
 import pytest
 from fleetapp import fetching
 from fleetapp.fetching import InvalidURLError, fetch, fetch_once, validate_url
-from fleetapp_testlib import free_port
+from fleettest.local import free_port
 
 
 @pytest.mark.parametrize(

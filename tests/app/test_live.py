@@ -10,7 +10,7 @@ import pytest
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from fleetapp.fanout import fetch_many
 from fleetapp.fetching import InvalidURLError
-from fleetapp_testlib import free_port
+from fleettest.local import free_port
 
 
 def test_add_round_trip_runs_on_the_default_queue_worker(client_app):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from fleetapp_testlib import fleet_env, start_redis, start_worker, wait_ready
+from fleettest.local import start_redis, start_worker, wait_ready
+from fleettest.sample import fleet_env
 
 
 @pytest.mark.timeout(60)

@@ -6,7 +6,7 @@ import threading
 import time
 
 import requests
-from fleetapp_testlib import _webfarm
+from fleettest import webfarm as farm
 
 
 def test_endpoints(webfarm):
@@ -20,11 +20,11 @@ def test_endpoints(webfarm):
     r = requests.get(f"{base}/redirect/3", timeout=5)
     assert r.status_code == 200 and len(r.history) == 3
     assert requests.get(f"{base}/nope", timeout=5).status_code == 404
-    assert sum(_webfarm.TUTORIAL_DELAYS) == 7.6
+    assert sum(farm.TUTORIAL_DELAYS) == 7.6
 
 
 def test_hang_does_not_block_shutdown():
-    server = _webfarm.serve("127.0.0.1", 0)
+    server = farm.serve("127.0.0.1", 0)
     errors: list[BaseException] = []
 
     def hang() -> None:

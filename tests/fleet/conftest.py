@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fleettest.commands import BIN, run
 
-from tests.conftest import BIN, REPO
+from tests.conftest import REPO
 
 SECRETS = Path(os.environ.get("HOME", "/root")) / ".celery-fleet" / "secrets" / "lab"
 RECAP = re.compile(
@@ -19,15 +20,8 @@ RECAP = re.compile(
 
 
 def playbook(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "ansible-playbook"), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"},
-    )
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+    return run([str(BIN / "ansible-playbook"), *args], cwd=REPO, env=env, timeout=timeout)
 
 
 def recap(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, int]]:

@@ -31,6 +31,7 @@ _ENV_LINE = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
 SOCKET_TIMEOUT = 15.0
 SOCKET_CONNECT_TIMEOUT = 5.0
 HEALTH_CHECK_INTERVAL = 10
+DEFAULT_MAX_TASK_STARTS = 5
 
 
 class ConfigError(ValueError):
@@ -61,17 +62,23 @@ def load_env_file(environ: dict[str, str] | None = None) -> None:
         env.setdefault(match.group(1), match.group(2))
 
 
-def _seconds(env: Mapping[str, str], name: str, default: int) -> int:
+def _seconds(env: Mapping[str, str], name: str, default: int, unit: str = "seconds") -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name}: expected a whole number of seconds, got {raw!r}") from None
+        raise ConfigError(f"{name}: expected a whole number of {unit}, got {raw!r}") from None
     if value <= 0:
         raise ConfigError(f"{name}: must be greater than 0, got {value}")
     return value
+
+
+def max_task_starts(environ: Mapping[str, str] | None = None) -> int:
+    """How many times a task may start without finishing before it is parked (deadletter)."""
+    env = os.environ if environ is None else environ
+    return _seconds(env, "FLEET_MAX_TASK_STARTS", DEFAULT_MAX_TASK_STARTS, unit="starts")
 
 
 def soft_time_limit(hard: int) -> int:
@@ -89,6 +96,7 @@ def fleet_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             f"FLEET_TASK_SOFT_TIME_LIMIT: {soft} must be below FLEET_TASK_TIME_LIMIT {hard}"
         )
     lease = _seconds(env, "FLEET_VISIBILITY_TIMEOUT", 120)
+    max_task_starts(env)  # validated here, read by the worker (celery_fleet.deadletter)
     if lease < MIN_VISIBILITY_TIMEOUT:
         # Renewed every tenth of it: shorter would not survive one slow round trip.
         raise ConfigError(f"FLEET_VISIBILITY_TIMEOUT: {lease} is below {MIN_VISIBILITY_TIMEOUT} s")

@@ -2,15 +2,16 @@
 
 For any application: the broker and result backend answer and accept the credentials, workers
 are online, every task the application defines is registered by a worker that consumes the
-queue it is routed to, and no queue with messages lacks a consumer. When a client sends a name
-the workers do not know, it names the tutorial's trap in one sentence.
+queue it is routed to, no queue with messages lacks a consumer, and no task is parked as a dead
+letter. When a client sends a name the workers do not know, it names the tutorial's trap in one
+sentence.
 
 Every network call is bounded, so a dead Redis never hangs it. Exit codes:
 
   0  healthy                      4  broker unreachable
-  1  another problem              5  credentials rejected
-  3  invalid configuration        6  no worker, or a queue without a consumer
-                                  7  a task the workers did not register
+  1  another problem, or tasks    5  credentials rejected
+     parked as dead letters       6  no worker, or a queue without a consumer
+  3  invalid configuration        7  a task the workers did not register
 """
 
 from __future__ import annotations
@@ -163,6 +164,18 @@ def queue_length(client: Any, queue: str) -> int:
     return int(client.llen(queue))
 
 
+def dead_letters(app: Any, client: Any, queues: list[str]) -> dict[str, int]:
+    """Parked tasks of these queues (celery_fleet.deadletter): {queue: count}, empty ones left out.
+
+    One LLEN per queue: the clients' Redis user may read lists, not scan the keyspace.
+    """
+    from celery_fleet.deadletter import dead_key
+
+    prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+    found = {queue: int(client.llen(prefix + dead_key(queue))) for queue in queues}
+    return {queue: n for queue, n in found.items() if n}
+
+
 @dataclass
 class Report:
     broker: str
@@ -171,6 +184,7 @@ class Report:
     workers: dict[str, Worker] = field(default_factory=dict)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     queues: dict[str, int] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     exit_code: int = EXIT_OK
 
@@ -215,10 +229,18 @@ def diagnose(app: Any, timeout: float = 2.0) -> Report:
     client = redis_client(app, str(app.conf.broker_url))
     try:
         report.queues = {queue: queue_length(client, queue) for queue in queues}
+        report.dead_letters = dead_letters(app, client, queues)
     except redis.exceptions.RedisError as exc:
         report.fail(EXIT_BROKER_DOWN, f"could not read queue lengths: {exc}")
     finally:
         client.close()
+    for queue, parked in report.dead_letters.items():
+        report.fail(
+            EXIT_FAILED,
+            f"{parked} task(s) of queue '{queue}' parked in _fleet.dead.{queue}: each killed its"
+            " worker on every start; fix the cause, then move them back with"
+            f" LMOVE _fleet.dead.{queue} {queue} RIGHT LEFT",
+        )
     if not report.workers:
         report.fail(EXIT_NO_WORKERS, f"no worker answered within {timeout:g} s")
         return report
@@ -288,6 +310,9 @@ def render(report: Report) -> None:
         console.print(table)
     if report.queues:
         console.print("queues: " + ", ".join(f"{q}={n}" for q, n in report.queues.items()))
+    if report.dead_letters:
+        parked = ", ".join(f"{q}={n}" for q, n in report.dead_letters.items())
+        console.print(f"parked (dead letters): {parked}")
     for problem in report.problems:
         console.print(f"[bold red]problem:[/] {problem}", highlight=False)
     console.print("[green]healthy[/]" if report.healthy else "[red]not healthy[/]")

@@ -31,6 +31,8 @@ from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from celery_fleet import deadletter
+
 PROCESSING_INDEX = "_fleet.processing"
 PROCESSING_PREFIX = "_fleet.processing."
 ALIVE_PREFIX = "_fleet.alive."
@@ -145,6 +147,11 @@ class Channel(_RedisChannel):
                 raise Empty()
             queue = self._queue_of(processing)
             payload = loads(bytes_to_str(raw))
+            parked = deadletter.should_park(self.client, self.global_keyprefix, payload)
+            if parked is not None:
+                name = str((payload.get("headers") or {}).get("task", "?"))
+                deadletter.park(self.client, queue, self._full_key(processing), raw, parked, name)
+                raise Empty()
             tag = payload["properties"]["delivery_tag"]
             self._fleet_popped[tag] = (self._full_key(processing), raw)
             self.connection._deliver(payload, queue)

@@ -62,6 +62,16 @@ class LabConfig:
     def netns(self, name: str) -> str:
         return f"{self.netns_prefix}{name}"
 
+    def machine_dir(self, name: str) -> Path:
+        return self.machines_dir / name
+
+    def machine_root(self, name: str) -> Path:
+        """The machine's root filesystem (an overlay on the base image)."""
+        return self.machine_dir(name) / "root"
+
+    def cgroup(self, name: str) -> str:
+        return f"celery-fleet-lab/{name}"
+
     def veth(self, name: str) -> str:
         return f"{self.veth_prefix}{name}"
 

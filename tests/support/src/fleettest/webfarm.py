@@ -17,7 +17,7 @@ token with the caller's address, its arrival, when the answer was sent and wheth
 whole. The fault tests count executions here, outside Redis and outside Celery's bookkeeping.
 
 In process:  server = serve("127.0.0.1", 0); port = server.server_address[1]; server.close()
-As a CLI:    python -m fleetlab.webfarm --host 198.18.0.1 --port 8080
+As a CLI:    python -m fleettest.webfarm --host 198.18.0.1 --port 8080
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
@@ -93,7 +93,7 @@ class WebFarm(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> WebFarm:
         self._thread = threading.Thread(
@@ -120,7 +120,7 @@ class WebFarm(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: WebFarm
     protocol_version = "HTTP/1.1"
-    server_version = "fleetlab-webfarm/1"
+    server_version = "fleettest-webfarm/1"
 
     def log_message(self, format: str, *args: object) -> None:
         # Quiet by default: tests and the benchmark issue thousands of requests.
@@ -147,7 +147,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, *, head: bool) -> None:
         path, _, query = self.path.partition("?")
         token = _LEDGER_TOKEN.fullmatch(parse_qs(query).get("ledger", [""])[0])
-        entry = self.server.ledger.start(*token.groups(), self.client_address[0]) if token else None
+        host = self.client_address[0]
+        entry = self.server.ledger.start(token[1], token[2], host) if token else None
         try:
             self._route(path, head=head)
         except (BrokenPipeError, ConnectionResetError):
@@ -176,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self._send(HTTPStatus.NOT_FOUND, {"error": "no such endpoint", "path": path}, head=head)
 
-    def _send(self, status: int, payload: dict[str, object], *, head: bool) -> None:
+    def _send(self, status: int, payload: Mapping[str, object], *, head: bool) -> None:
         body = (json.dumps(payload) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -284,7 +285,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, *, verbose: bool = False) -> W
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fleetlab.webfarm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fleettest.webfarm", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port to bind (default 8080)")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")

@@ -1,43 +1,36 @@
-"""Helpers for tests/app: real redis-server, real Celery workers, the webfarm, the CLI.
+"""A real redis-server and real Celery workers on loopback, on free ports: nothing in eager mode.
 
-(A uniquely named module rather than conftest imports: other test trees may have helpers too.)
+The tests of the sample app and the local benchmark share this harness.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
+from .commands import BIN
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 # A password with every character that must be URL-quoted.
 PASSWORD = "s3cr@t:p/w%#?x"
 USERNAME = "fleet"
 
-try:
-    from fleetlab import webfarm as _webfarm  # noqa: F401 - re-exported for the tests
-except ImportError:  # the lab package may not be installed yet
-    sys.path.insert(0, str(REPO / "ansible" / "lab" / "src"))
-
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: object, timeout: float, what: str) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(0.05)
     raise TimeoutError(f"timed out waiting for {what}")
@@ -48,6 +41,8 @@ class RedisServer:
     port: int
     proc: subprocess.Popen[bytes]
     workdir: Path
+    username: str
+    password: str
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -62,21 +57,21 @@ class RedisServer:
                 self.proc.wait(5)
 
 
-def start_redis(workdir: Path) -> RedisServer:
+def start_redis(workdir: Path, username: str = USERNAME, password: str = PASSWORD) -> RedisServer:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = workdir / "redis.conf"
     # No unauthenticated access: the default user is off, only "fleet" with a password exists.
     conf.write_text(
         f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\ndir {workdir}\n'
-        f"databases 16\nuser default off\nuser {USERNAME} on >{PASSWORD} ~* &* +@all\n"
+        f"databases 16\nuser default off\nuser {username} on >{password} ~* &* +@all\n"
     )
     proc = subprocess.Popen(
         [REDIS_SERVER, str(conf)],
         stdout=(workdir / "redis.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
-    server = RedisServer(port=port, proc=proc, workdir=workdir)
+    server = RedisServer(port, proc, workdir, username, password)
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -89,19 +84,6 @@ def start_redis(workdir: Path) -> RedisServer:
 
     wait_for(up, 10, "redis-server")
     return server
-
-
-def fleet_env(redis: RedisServer, env_file: Path, db: int = 0, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETAPP_")}
-    env.update(
-        FLEETAPP_ENV_FILE=str(env_file),
-        FLEETAPP_BROKER_URL=redis.url(db),
-        FLEETAPP_REDIS_USERNAME=USERNAME,
-        FLEETAPP_REDIS_PASSWORD=PASSWORD,
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -138,6 +120,7 @@ def start_worker(
     concurrency: int = 1,
     queues: str | None = None,
     cwd: Path | None = None,
+    loglevel: str = "INFO",  # wait_ready needs INFO: it looks for " ready." in the log
 ) -> Worker:
     log = logdir / f"{name}.log"
     cmd = [
@@ -152,7 +135,7 @@ def start_worker(
         pool,
         "-c",
         str(concurrency),
-        "--loglevel=INFO",
+        f"--loglevel={loglevel}",
         "--without-mingle",  # no 1 s neighbour search at start-up
         "--without-gossip",
     ]
@@ -172,26 +155,3 @@ def wait_ready(*workers: Worker, timeout: float = 30) -> None:
         return all(" ready." in w.text() for w in workers)
 
     wait_for(ready, timeout, "workers")
-
-
-@dataclass
-class Fleet:
-    env: dict[str, str]
-    net: Worker
-    default: Worker
-    logdir: Path
-    extra: list[Worker] = field(default_factory=list)
-
-
-def run_cli(
-    env: dict[str, str], *args: str, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    # As a client host runs it: the fleetapp script under fleet-python (the runtime active).
-    return subprocess.run(
-        [str(BIN / "fleet-python"), str(BIN / "fleetapp"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )

@@ -89,14 +89,14 @@ def mirrors(config: LabConfig) -> list[Mirror]:
             args=[
                 sys.executable,
                 "-m",
-                "fleetlab.webfarm",
+                "fleettest.webfarm",
                 "--host",
                 host,
                 "--port",
                 str(config.web_port),
             ],
             env={},
-            marker="fleetlab.webfarm",
+            marker="fleettest.webfarm",
         ),
     ]
 

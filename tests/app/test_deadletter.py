@@ -1,0 +1,77 @@
+"""A task that kills its worker process on every start is parked after FLEET_MAX_TASK_STARTS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from fleettest.commands import BIN, run
+from fleettest.local import start_worker, wait_for, wait_ready
+from fleettest.sample import fleet_env
+
+HERE = Path(__file__).resolve().parent
+DB = 3
+
+
+@pytest.mark.timeout(120)
+def test_a_poison_pill_is_parked_and_the_doctor_lists_it(redis_server, empty_env_file, tmp_path):
+    env = fleet_env(redis_server, empty_env_file, db=DB, FLEET_MAX_TASK_STARTS="3")
+    server = redis_server
+    client = redis.Redis(
+        port=server.port, db=DB, username=server.username, password=server.password
+    )
+    client.flushdb()
+    # prefork: the pool child dies, the worker survives and requeues the task (worker lost).
+    worker = start_worker(
+        env, tmp_path, "poison", pool="prefork", queues="default", cwd=HERE, app="poison"
+    )
+    marker = tmp_path / "starts"
+    try:
+        wait_ready(worker)
+        send = [str(BIN / "fleet-celery"), "-A", "poison", "call", "--queue", "default"]
+        crash = [*send, "poison.crash", "--args", json.dumps([str(marker)])]
+        task_id = run(crash, cwd=HERE, env=env)
+        assert task_id.returncode == 0, task_id.stderr
+
+        wait_for(lambda: client.llen("_fleet.dead.default") == 1, 60, "the task to be parked")
+        time.sleep(3)  # had it gone back to the queue, it would have started again by now
+        starts = marker.read_text().split()
+        assert len(starts) == 3, f"started {len(starts)} times, not FLEET_MAX_TASK_STARTS"
+        assert client.llen("default") == 0 and client.hlen("unacked") == 0
+        parked = json.loads(client.lindex("_fleet.dead.default", 0))
+        assert parked["headers"]["id"] == task_id.stdout.strip()
+        assert not client.exists(f"_fleet.starts.{parked['headers']['id']}")
+        assert "parked poison.crash" in worker.text()
+
+        # The worker goes on serving.
+        echo = run([*send, "poison.echo", "--args", "[7]"], cwd=HERE, env=env)
+        result = run(
+            [str(BIN / "fleet-celery"), "-A", "poison", "result", echo.stdout.strip()],
+            cwd=HERE,
+            env=env,
+            timeout=30,
+        )
+        assert result.stdout.strip() == "7", result.stderr
+
+        doctor = run([str(BIN / "fleet-doctor"), "-A", "poison", "--json"], cwd=HERE, env=env)
+        report = json.loads(doctor.stdout)
+        assert report["dead_letters"] == {"default": 1}
+        assert doctor.returncode == 1
+        assert any("LMOVE _fleet.dead.default default" in p for p in report["problems"])
+    finally:
+        worker.stop()
+        client.flushdb()
+        client.close()
+
+
+def test_a_bad_max_task_starts_is_a_configuration_error(redis_server, empty_env_file):
+    env = fleet_env(redis_server, empty_env_file, FLEET_MAX_TASK_STARTS="zero")
+    proc = subprocess.run(
+        [str(BIN / "fleet-python"), "-c", "pass"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 3
+    assert "FLEET_MAX_TASK_STARTS" in proc.stderr
