@@ -157,6 +157,16 @@ def test_a_queue_map_without_a_consumer_for_a_routed_queue_is_refused(deployed):
     assert all(counts["changed"] == 0 for counts in recap(result).values()), said[-3000:]
 
 
+@pytest.mark.parametrize("setting", ["redis_appendonly=false", "redis_appendfsync=no"])
+def test_preflight_refuses_a_redis_without_durable_persistence(setting):
+    result = playbook("site.yml", "-e", setting)
+    assert result.returncode != 0
+    assert "would lose the queued and running tasks when it restarts" in " ".join(
+        result.stdout.split()
+    ), result.stdout[-4000:]
+    assert "PLAY [Redis broker" not in result.stdout
+
+
 def test_preflight_refuses_a_weak_secret_without_showing_it():
     result = playbook("site.yml", "-e", "fleet_flower_password=short-secret")
     assert result.returncode != 0

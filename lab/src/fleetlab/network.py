@@ -67,6 +67,9 @@ def plug(config: LabConfig, machine: Machine) -> None:
     netns, veth = config.netns(machine.name), config.veth(machine.name)
     if netns not in netns_list():
         run(["ip", "netns", "add", netns])
+        if veth in links():
+            # The peer of a deleted namespace: the kernel removes it lazily.
+            run(["ip", "link", "del", veth], check=False)
     if veth not in links():
         run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns])
     run(["ip", "link", "set", veth, "master", config.bridge, "up"])

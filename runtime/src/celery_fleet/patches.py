@@ -26,6 +26,13 @@ API; each names the upstream code it corrects, so it can go when upstream fixes 
    kombu and forgotten, so a finished task runs again after the visibility timeout. It is kept
    and delivered by the lease keeper once Redis answers, and acks on a channel that was closed
    by a connection loss go the same way.
+6. Redis at ``maxmemory`` (``noeviction``) answers writes with ``OOM``, a ``ResponseError``
+   that kombu and Celery's result backend treat as permanent: the worker's consumer died with
+   "Unrecoverable error" and the running tasks, whose results could not be stored, ran again
+   one lease later (seen: every task of the fault suite's maxmemory scenario ran twice). An
+   ``OutOfMemoryError`` is transient (it ends when memory frees): it counts as a connection
+   error, so the consumer reconnects, running tasks keep running, results and publishes are
+   retried (a publish still fails once its retry policy is spent).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ def apply() -> None:
     _patch_connection_loss_restore()
     _patch_kombu_clock()
     _patch_redis_ack()
+    _patch_out_of_memory_is_transient()
     _applied = True
 
 
@@ -149,3 +157,20 @@ def _patch_redis_ack() -> None:
 
     kombu_redis.QoS.ack = ack  # type: ignore[method-assign]
     kombu_redis.QoS.reject = reject  # type: ignore[method-assign]
+
+
+def _patch_out_of_memory_is_transient() -> None:
+    import celery.backends.redis as celery_redis
+    from kombu.transport import redis as kombu_redis
+    from redis.exceptions import OutOfMemoryError
+
+    original = kombu_redis.get_redis_error_classes
+
+    def get_redis_error_classes() -> Any:
+        classes = original()
+        # Checked before the channel errors (ResponseError, its base class) by kombu and Celery.
+        return classes._replace(connection_errors=(*classes.connection_errors, OutOfMemoryError))
+
+    # kombu's Transport and Celery's RedisBackend both call it when they are created.
+    kombu_redis.get_redis_error_classes = get_redis_error_classes
+    celery_redis.get_redis_error_classes = get_redis_error_classes  # type: ignore[attr-defined]
