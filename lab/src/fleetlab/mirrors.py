@@ -34,6 +34,7 @@ class Mirror:
     env: dict[str, str]
     # A command-line word that identifies the running process, whatever interpreter runs it.
     marker: str
+    former_markers: tuple[str, ...] = ()
 
 
 def _venv_bin(tool: str) -> str:
@@ -97,6 +98,8 @@ def mirrors(config: LabConfig) -> list[Mirror]:
             ],
             env={},
             marker="fleettest.webfarm",
+            # Started by a lab from before the webfarm moved to fleettest: still this mirror.
+            former_markers=("fleetlab.webfarm",),
         ),
     ]
 
@@ -125,7 +128,8 @@ def _matching_pids(config: LabConfig, mirror: Mirror) -> list[int]:
     found = []
     for pid in all_pids():
         args = cmdline(pid)
-        if pid != os.getpid() and mirror.marker in args and any(listen in a for a in args):
+        ours = any(m in args for m in (mirror.marker, *mirror.former_markers))
+        if pid != os.getpid() and ours and any(listen in a for a in args):
             found.append(pid)
     return found
 

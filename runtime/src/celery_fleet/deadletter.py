@@ -4,8 +4,11 @@ With late acknowledgement and ``task_reject_on_worker_lost``, a task whose execu
 process (a segfault in a C extension, the kernel's OOM killer, ``os._exit``) goes back to its
 queue each time, and kills the next worker that takes it, for ever. So:
 
-* a worker counts each *start* of a redelivered task in ``_fleet.starts.<task id>`` (the first
-  delivery of a message costs no round trip; the count expires after a week);
+* a prefork pool child counts each *start* of a redelivered task in ``_fleet.starts.<task id>``
+  (the first delivery of a message costs no round trip; the count expires after a week). Only
+  prefork: a child runs one task, so its death is that task's; when a gevent, threads or solo
+  worker dies, every task it ran dies with it, and counting them would park the innocent ones
+  (run native code that may crash in a prefork queue);
 * when such a message reaches a worker again after it has started ``FLEET_MAX_TASK_STARTS``
   times (5 by default) without finishing, the worker moves it, atomically, from its processing
   list to ``_fleet.dead.<queue>`` instead of running it, and logs an error.
@@ -48,6 +51,12 @@ def _redelivered(task: Any) -> bool:
     return bool((getattr(task.request, "delivery_info", None) or {}).get("redelivered"))
 
 
+def _in_prefork_child() -> bool:
+    from billiard.process import current_process
+
+    return str(current_process().name).startswith("ForkPoolWorker")
+
+
 def _with_client(task: Any, action: str, do: Any) -> None:
     """Run do(client, prefix) on a short-lived broker connection; never fails the task."""
     options = dict(task.app.conf.broker_transport_options or {})
@@ -62,7 +71,7 @@ def _with_client(task: Any, action: str, do: Any) -> None:
 
 def _count_start(sender: Any = None, task_id: str | None = None, **kwargs: Any) -> None:
     # Only redelivered messages pay a round trip: a first delivery is the implicit first start.
-    if sender is None or task_id is None or not _redelivered(sender):
+    if sender is None or task_id is None or not _redelivered(sender) or not _in_prefork_child():
         return
     key = starts_key(task_id)
 

@@ -204,7 +204,20 @@ class Report:
 
 
 def diagnose(app: Any, timeout: float = 2.0) -> Report:
-    """Broker, workers, task names and queues; never raises for expected failures."""
+    """Broker, workers, task names, queues and dead letters; never raises for expected failures."""
+    report = _diagnose(app, timeout)
+    # Last, so a more basic failure (no worker, an unregistered task) keeps its exit code.
+    for queue, parked in report.dead_letters.items():
+        report.fail(
+            EXIT_FAILED,
+            f"{parked} task(s) of queue '{queue}' parked in _fleet.dead.{queue}: each killed its"
+            " worker on every start; fix the cause, then move them back with"
+            f" LMOVE _fleet.dead.{queue} {queue} RIGHT LEFT",
+        )
+    return report
+
+
+def _diagnose(app: Any, timeout: float) -> Report:
     import redis
 
     report = Report(
@@ -234,13 +247,7 @@ def diagnose(app: Any, timeout: float = 2.0) -> Report:
         report.fail(EXIT_BROKER_DOWN, f"could not read queue lengths: {exc}")
     finally:
         client.close()
-    for queue, parked in report.dead_letters.items():
-        report.fail(
-            EXIT_FAILED,
-            f"{parked} task(s) of queue '{queue}' parked in _fleet.dead.{queue}: each killed its"
-            " worker on every start; fix the cause, then move them back with"
-            f" LMOVE _fleet.dead.{queue} {queue} RIGHT LEFT",
-        )
+
     if not report.workers:
         report.fail(EXIT_NO_WORKERS, f"no worker answered within {timeout:g} s")
         return report

@@ -171,6 +171,10 @@ def _patch_out_of_memory_is_transient() -> None:
         # Checked before the channel errors (ResponseError, its base class) by kombu and Celery.
         return classes._replace(connection_errors=(*classes.connection_errors, OutOfMemoryError))
 
-    # kombu's Transport and Celery's RedisBackend both call it when they are created.
+    # Celery's RedisBackend calls it when created; kombu's Transport (and the Sentinel one, its
+    # subclass) read it once, into class attributes, when kombu's module was imported.
     kombu_redis.get_redis_error_classes = get_redis_error_classes
     celery_redis.get_redis_error_classes = get_redis_error_classes  # type: ignore[attr-defined]
+    transport = kombu_redis.Transport
+    if OutOfMemoryError not in transport.connection_errors:
+        transport.connection_errors = (*transport.connection_errors, OutOfMemoryError)
