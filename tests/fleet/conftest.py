@@ -11,7 +11,7 @@ import pytest
 import yaml
 from fleettest.commands import BIN, run
 
-from tests.conftest import REPO
+from tests.conftest import LAB_NAMES, REPO, on
 
 SECRETS = Path(os.environ.get("HOME", "/root")) / ".celery-fleet" / "secrets" / "lab"
 RECAP = re.compile(
@@ -50,9 +50,21 @@ def secret(name: str) -> str:
     return (SECRETS / name).read_text().strip()
 
 
+# `site.yml --check` against machines nothing was deployed to yet (make test's fresh lab), run
+# before the converge; None when the session started on a deployed lab.
+FRESH_CHECK: dict[str, subprocess.CompletedProcess[str] | None] = {"result": None}
+
+
+def lab_is_fresh() -> bool:
+    probe = "test -e /etc/celery-fleet"  # the first thing any tier's deploy creates
+    return all(on(name, probe, check=False).returncode != 0 for name in LAB_NAMES)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def deployed() -> subprocess.CompletedProcess[str]:
     """One converge of the whole topology; every test in this suite depends on it."""
+    if lab_is_fresh():
+        FRESH_CHECK["result"] = playbook("site.yml", "--check")
     result = playbook("site.yml")
     if result.returncode != 0:
         pytest.fail(f"site.yml failed:\n{result.stdout[-8000:]}\n{result.stderr[-2000:]}")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.fleet.conftest import playbook, recap
+from tests.fleet.conftest import FRESH_CHECK, playbook, recap
 
 LAB_INVENTORY = REPO / "inventory" / "lab"
 
@@ -25,6 +25,17 @@ def test_second_run_changes_nothing(deployed):
     assert set(hosts) >= {"redis1", "worker1", "worker2", "client1", "monitor1"}
     changed = {host: counts["changed"] for host, counts in hosts.items() if counts["changed"]}
     assert changed == {}, result.stdout[-6000:]
+
+
+def test_check_mode_succeeds_on_fresh_hosts(deployed):
+    """--check before the first deploy: packages, users, venvs and units are all still missing."""
+    result = FRESH_CHECK["result"]
+    if result is None:
+        pytest.skip("the lab was deployed before this session (make test starts on a fresh one)")
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert all(counts["failed"] == 0 for counts in recap(result).values())
+    hosts = {host: counts for host, counts in recap(result).items() if host != "localhost"}
+    assert all(counts["changed"] > 0 for counts in hosts.values())  # fresh: all would change
 
 
 def test_check_mode_succeeds(deployed):
