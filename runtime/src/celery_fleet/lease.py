@@ -47,8 +47,10 @@ logger = logging.getLogger("celery_fleet.lease")
 # Tags whose acknowledgement could not be delivered; the keeper delivers them. Set operations
 # are atomic under the GIL, and acks may come from any thread.
 _deferred_acks: set[str] = set()
-# Processing lists of this process's closed channels (celery_fleet.transport), to move back.
-_closed_processing: set[str] = set()
+# Processing lists this process no longer pops into (a closed channel, an unanswered BLMOVE:
+# celery_fleet.transport), with when it let them go: the keeper moves their messages back to the
+# queue for a while, since a BLMOVE lost in a partition may still reach Redis after that.
+_closed_processing: dict[str, float] = {}
 _keeper: LeaseKeeper | None = None
 
 
@@ -57,7 +59,7 @@ def defer_ack(delivery_tag: str) -> None:
 
 
 def forget_processing(processing_key: str) -> None:
-    _closed_processing.add(processing_key)
+    _closed_processing.setdefault(processing_key, time.monotonic())
 
 
 def install() -> None:
@@ -266,11 +268,13 @@ class LeaseKeeper:
                 "LMOVE", full + key, full + info["queue"], "RIGHT", "RIGHT"
             ):
                 moved += 1
-            client.hdel(transport.PROCESSING_INDEX, key)
-            _closed_processing.discard(key)
+            let_go = _closed_processing.get(key)
+            if let_go is None or time.monotonic() - let_go > 2 * self.lease:
+                client.hdel(transport.PROCESSING_INDEX, key)
+                _closed_processing.pop(key, None)
             if moved:
                 logger.warning(
-                    "lease keeper: moved %d message(s) of %s (owner gone) back to %s",
+                    "lease keeper: moved %d message(s) of %s (no longer popped into) back to %s",
                     moved,
                     key,
                     info["queue"],

@@ -26,13 +26,15 @@ API; each names the upstream code it corrects, so it can go when upstream fixes 
    kombu and forgotten, so a finished task runs again after the visibility timeout. It is kept
    and delivered by the lease keeper once Redis answers, and acks on a channel that was closed
    by a connection loss go the same way.
-6. Redis at ``maxmemory`` (``noeviction``) answers writes with ``OOM``, a ``ResponseError``
-   that kombu and Celery's result backend treat as permanent: the worker's consumer died with
-   "Unrecoverable error" and the running tasks, whose results could not be stored, ran again
-   one lease later (seen: every task of the fault suite's maxmemory scenario ran twice). An
-   ``OutOfMemoryError`` is transient (it ends when memory frees): it counts as a connection
-   error, so the consumer reconnects, running tasks keep running, results and publishes are
-   retried (a publish still fails once its retry policy is spent).
+6. Redis at ``maxmemory`` (``noeviction``) answers writes with ``OOM``, and Redis whose disk is
+   full (it cannot append to its AOF) with ``MISCONF``: ``ResponseError``s that kombu and
+   Celery's result backend treat as permanent. The worker's consumer died with "Unrecoverable
+   error" and the running tasks, whose results could not be stored, ran again one lease later
+   (seen: every task of the fault suite's maxmemory scenario ran twice; both workers restarted
+   by systemd in the disk-full one). Both end when memory or disk frees, so both count as
+   connection errors: the consumer reconnects, running tasks keep running, results and
+   publishes are retried (a publish still fails once its retry policy is spent). redis-py has
+   no class for ``MISCONF``; ``PersistenceError`` is registered for it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from redis.exceptions import ResponseError
 
 logger = logging.getLogger("celery_fleet")
 
@@ -159,22 +163,30 @@ def _patch_redis_ack() -> None:
     kombu_redis.QoS.reject = reject  # type: ignore[method-assign]
 
 
+class PersistenceError(ResponseError):
+    """``MISCONF``: Redis refuses writes because it cannot persist them (e.g. its disk is full)."""
+
+
 def _patch_out_of_memory_is_transient() -> None:
     import celery.backends.redis as celery_redis
     from kombu.transport import redis as kombu_redis
+    from redis._parsers.base import BaseParser
     from redis.exceptions import OutOfMemoryError
 
+    # Every parser (Python and hiredis) maps error prefixes through this class attribute.
+    BaseParser.EXCEPTION_CLASSES["MISCONF"] = PersistenceError
+    transient = (OutOfMemoryError, PersistenceError)
     original = kombu_redis.get_redis_error_classes
 
     def get_redis_error_classes() -> Any:
         classes = original()
-        # Checked before the channel errors (ResponseError, its base class) by kombu and Celery.
-        return classes._replace(connection_errors=(*classes.connection_errors, OutOfMemoryError))
+        # Checked before the channel errors (ResponseError, their base class) by kombu and Celery.
+        return classes._replace(connection_errors=(*classes.connection_errors, *transient))
 
     # Celery's RedisBackend calls it when created; kombu's Transport (and the Sentinel one, its
     # subclass) read it once, into class attributes, when kombu's module was imported.
     kombu_redis.get_redis_error_classes = get_redis_error_classes
     celery_redis.get_redis_error_classes = get_redis_error_classes  # type: ignore[attr-defined]
     transport = kombu_redis.Transport
-    if OutOfMemoryError not in transport.connection_errors:
-        transport.connection_errors = (*transport.connection_errors, OutOfMemoryError)
+    missing = tuple(error for error in transient if error not in transport.connection_errors)
+    transport.connection_errors = (*transport.connection_errors, *missing)

@@ -12,6 +12,13 @@ queue, in a processing list, or in ``unacked``. Processing lists are listed in t
 ``_fleet.processing``; the lease keeper moves a list's messages back to its queue once its
 owner is gone (its ``_fleet.alive.<host>.<pid>`` key expired, or the channel closed).
 
+A ``BLMOVE`` whose reply never came (kombu drops a connection whose blocking pop got no answer,
+e.g. a partition) may still have moved a message: the server ran it and its answer was lost, or
+the request reaches the server later. The worker never saw that message, and the channel, still
+open, would keep its processing list to itself forever (found on the lab: a 10 s partition of a
+worker left one task unrun until that worker restarted). So the next pop uses a new processing
+list, and the keeper moves the old one's messages back to the queue (``lease.forget_processing``).
+
 ``BLMOVE`` takes one source list, so the channel uses it when it polls one list at a time: one
 queue per worker and kombu's priority steps reduced to one (celery-fleet's configuration does
 both). Otherwise, and for consumers without acknowledgements (replies), it keeps ``BRPOP``.
@@ -92,6 +99,9 @@ class Channel(_RedisChannel):
         self._fleet_no_ack_queues: set[str] = set()
         self._fleet_number = next(_channel_numbers)
         self._fleet_moving: str | None = None
+        # Bumped when a BLMOVE went unanswered: the next pop moves into a new processing list.
+        self._fleet_epoch = 0
+        self._fleet_unanswered = False
         super().__init__(*args, **kwargs)
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
@@ -100,7 +110,10 @@ class Channel(_RedisChannel):
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def processing_key(self, queue: str) -> str:
-        return f"{PROCESSING_PREFIX}{owner_id()}.{self._fleet_number}.{queue}"
+        return f"{self._processing_prefix()}{queue}"
+
+    def _processing_prefix(self) -> str:
+        return f"{PROCESSING_PREFIX}{owner_id()}.{self._fleet_number}.{self._fleet_epoch}."
 
     def _full_key(self, key: str) -> str:
         # For commands kombu's client does not prefix (BLMOVE, LREM, HSET of the index).
@@ -119,6 +132,13 @@ class Channel(_RedisChannel):
         if timeout is None:
             timeout = self.brpop_timeout
         queue = queues[0]
+        if self._fleet_unanswered and self._fleet_moving is not None:
+            # The last BLMOVE's fate is unknown (see the module's docstring).
+            from celery_fleet import lease
+
+            lease.forget_processing(self._fleet_moving)
+            self._fleet_epoch += 1
+            self._fleet_moving = None
         processing = self.processing_key(queue)
         if self._fleet_moving != processing:
             # Listed before the first move, so a reclaimer can find it whatever happens next.
@@ -129,6 +149,7 @@ class Channel(_RedisChannel):
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
         source = self._full_key(self._q_for_pri(queue, self.priority_steps[0]))
+        self._fleet_unanswered = True
         self.client.connection.send_command(
             "BLMOVE", source, self._full_key(processing), "RIGHT", "LEFT", timeout or 0
         )
@@ -143,6 +164,7 @@ class Channel(_RedisChannel):
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
+            self._fleet_unanswered = False
             if raw is None:
                 raise Empty()
             queue = self._queue_of(processing)
@@ -161,8 +183,7 @@ class Channel(_RedisChannel):
             self._flush_brpop_reauth()
 
     def _queue_of(self, processing: str) -> str:
-        prefix = f"{PROCESSING_PREFIX}{owner_id()}.{self._fleet_number}."
-        return processing[len(prefix) :]
+        return processing[len(self._processing_prefix()) :]
 
     def close(self) -> None:
         processing = self._fleet_moving

@@ -127,7 +127,7 @@ def drain(name: str, run_id: str, publishes: list[list[Any]], timeout: float) ->
             break
         time.sleep(2)
     # Late duplicates (a redelivery of something that already ran) would show up now.
-    time.sleep(5)
+    time.sleep(3)
     return report(name, publishes, ledger(run_id))
 
 

@@ -7,13 +7,18 @@ table; the README's "Guarantees" says which scenarios may produce them.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import lab, on
-from tests.fleet.faults.conftest import Scenario, redis_cli, size
+from tests.conftest import REPO, lab, on
+from tests.fleet.conftest import playbook
+from tests.fleet.faults.conftest import FULL, Scenario, redis_cli, size
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -231,3 +236,174 @@ def test_worker_reboot_comes_back_whole_and_loses_nothing():
         lambda: reboot("worker1", "celery-worker@network", "celery-worker@default"), at=2
     )
     assert row.lost == [], row
+
+
+def test_upgrade_under_load_loses_nothing():
+    """playbooks/upgrade.yml rolls a new app version out while client1 keeps publishing.
+
+    At full size it upgrades every host (workers one by one, the client, Flower); make test's
+    small size upgrades worker1 alone (--limit), which is where tasks could be dropped.
+    """
+    limit = [] if FULL else ["--limit", "worker1"]
+    with tempfile.TemporaryDirectory(prefix="fleetapp-next-") as tmp:
+        project = Path(tmp) / "app"
+        shutil.copytree(
+            REPO / "app",
+            project,
+            ignore=shutil.ignore_patterns(".venv", "dist", "build", "*.egg-info"),
+        )
+        init = project / "src" / "fleetapp" / "__init__.py"
+        init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.1.1"'))
+        upgraded: dict[str, subprocess.CompletedProcess[str]] = {}
+
+        def upgrade() -> None:
+            upgraded["result"] = playbook(
+                "playbooks/upgrade.yml", *limit, "-e", f"fleet_app_project_dir={project}"
+            )
+
+        try:
+            # Publishing lasts about as long as the rolling upgrade.
+            row = Scenario("upgrade.yml under load", count=size(300, 900), rate=5).run(
+                upgrade, at=3
+            )
+        finally:
+            back = playbook("playbooks/upgrade.yml", *limit)
+        result = upgraded["result"]
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert back.returncode == 0, back.stdout[-3000:]
+    assert row.lost == [], row
+    assert row.raised == 0, row  # Redis never went away: no publish may fail
+    # Warm shutdowns: what ran finished, what was reserved went back unstarted.
+    assert row.duplicates == 0, row
+
+
+def cut_for(host: str, seconds: float) -> None:
+    lab("cut", host)
+    try:
+        time.sleep(seconds)
+    finally:
+        lab("heal", host)
+
+
+def test_worker_partitioned_shorter_than_the_lease_runs_everything_once():
+    """worker1 is cut off from everything for a third of the lease, then heals."""
+    row = Scenario("worker1 partition < lease", count=size(150, 400), rate=25).run(
+        lambda: cut_for("worker1", LEASE / 3), at=2
+    )
+    assert row.lost == [], row
+    # Its leases never lapsed and its fence never fired: nobody else took its tasks.
+    assert row.duplicates == 0, row
+
+
+def test_worker_partitioned_longer_than_the_lease_loses_nothing():
+    """worker1 is cut off for 1.2 leases: its fence stops its tasks, worker2 takes them over."""
+    row = Scenario("worker1 partition > lease", count=size(150, 400), rate=25).run(
+        lambda: cut_for("worker1", 1.2 * LEASE), at=2, drain_timeout=300
+    )
+    assert row.lost == [], row
+    # Running tasks that the fence cancelled at 3/4 of the lease ran again on worker2 (counted
+    # in the README's table; the webfarm records an answer that never reached worker1).
+    assert row.longest_delay < 3 * LEASE, row
+
+
+REDIS_DIR = "/var/lib/redis"
+REDIS_STAGE = "/var/lib/redis.fault-stage"
+
+
+@pytest.fixture
+def redis_on_a_small_disk() -> Iterator[None]:
+    """Redis' directory on a small file system of its own (a tmpfs), which a test can fill.
+
+    Redis stops cleanly, its files are copied onto the tmpfs and, afterwards, back.
+    """
+    used = int(on("redis1", f"du -sb {REDIS_DIR} | cut -f1").stdout)
+    size_mb = used // 2**20 + 64
+    on(
+        "redis1",
+        f"systemctl stop redis-server && rm -rf {REDIS_STAGE} && cp -a {REDIS_DIR} {REDIS_STAGE}"
+        f" && mount -t tmpfs -o size={size_mb}m,mode=0750,uid=redis,gid=redis"
+        f" fault-disk {REDIS_DIR}"
+        f" && cp -a {REDIS_STAGE}/. {REDIS_DIR}/ && systemctl start redis-server",
+    )
+    try:
+        yield
+    finally:
+        on(
+            "redis1",
+            f"rm -f {REDIS_DIR}/ballast; systemctl stop redis-server && rm -rf {REDIS_STAGE}"
+            f" && cp -a {REDIS_DIR} {REDIS_STAGE} && umount {REDIS_DIR}"
+            f" && find {REDIS_DIR} -mindepth 1 -delete && cp -a {REDIS_STAGE}/. {REDIS_DIR}/"
+            f" && rm -rf {REDIS_STAGE} && systemctl start redis-server",
+        )
+        assert on("redis1", f"findmnt -n {REDIS_DIR}", check=False).stdout == ""
+
+
+def test_redis_disk_full_refuses_publishes_and_keeps_the_queue(redis_on_a_small_disk):
+    """Redis' disk fills for 8 s: it refuses writes (MISCONF), keeps what it has, recovers."""
+    restarts = {w: worker_restarts(w) for w in ("worker1", "worker2")}
+    since = on("redis1", "date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
+
+    def fill_the_disk() -> None:
+        # Every free block (dd ends at ENOSPC), so the next append to the AOF fails.
+        on("redis1", f"dd if=/dev/zero of={REDIS_DIR}/ballast bs=64k 2>/dev/null; true")
+        assert on("redis1", f"stat -f -c %a {REDIS_DIR}").stdout.strip() == "0"
+        try:
+            time.sleep(8)
+        finally:
+            on("redis1", f"rm -f {REDIS_DIR}/ballast")
+
+    row = Scenario("redis disk full", count=size(150, 400), rate=25).run(fill_the_disk, at=2)
+    log = on("redis1", f"journalctl -u redis-server --since='{since}' --no-pager").stdout
+    assert "AOF write error looks solved" in log, f"Redis never failed to write its AOF:\n{log}"
+    assert row.lost == [], row
+    assert row.raised > 0, f"no publish was refused while the disk was full: {row}"
+    assert row.raised_but_ran == 0, row
+    assert {w: worker_restarts(w) for w in restarts} == restarts
+    assert row.duplicates == 0, row
+
+
+FAKETIME_DROP_IN = "/etc/systemd/system/celery-worker@.service.d/zz-fault-clock.conf"
+
+
+@pytest.fixture
+def worker1_clock_ahead() -> Iterator[None]:
+    """worker1's workers see a clock 10 minutes ahead (libfaketime: the lab shares one kernel
+    clock, so a machine cannot set its own); monotonic clocks stay true, as on a real host."""
+    on(
+        "worker1",
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y -q libfaketime >/dev/null",
+        timeout=300,
+    )
+    library = on("worker1", "dpkg -L libfaketime | grep 'libfaketime.so.1$'").stdout.strip()
+    on(
+        "worker1",
+        f"mkdir -p $(dirname {FAKETIME_DROP_IN}) && printf '%s\\n' '[Service]'"
+        f" 'Environment=LD_PRELOAD={library} FAKETIME=+10m FAKETIME_DONT_FAKE_MONOTONIC=1'"
+        f" > {FAKETIME_DROP_IN} && systemctl daemon-reload"
+        " && systemctl restart celery-worker@network celery-worker@default",
+        timeout=300,
+    )
+    try:
+        yield
+    finally:
+        on(
+            "worker1",
+            f"rm -f {FAKETIME_DROP_IN} && systemctl daemon-reload"
+            " && systemctl restart celery-worker@network celery-worker@default",
+            timeout=300,
+        )
+
+
+def test_worker_clock_ten_minutes_ahead_changes_nothing(worker1_clock_ahead):
+    """Leases and deliveries use the Redis server's clock, never a worker's own."""
+    main = on("worker1", "systemctl show -p MainPID --value celery-worker@network").stdout.strip()
+    environ = on("worker1", f"tr '\\0' '\\n' < /proc/{main}/environ").stdout.split()
+    preload = [v for v in environ if v.startswith(("LD_PRELOAD=", "FAKETIME="))]
+    assert len(preload) == 2, f"the worker does not run with the skewed clock: {environ}"
+    # What the worker's libc tells it the time is, against the true time.
+    seen = on("worker1", f"env {' '.join(preload)} date +%s; date +%s").stdout.split()
+    assert 590 <= int(seen[0]) - int(seen[1]) <= 610, seen
+    # A worker ahead that judged leases by its own clock would take back what worker2 runs.
+    row = Scenario("worker1 clock +10 min", count=size(150, 400), rate=25).run(lambda: None, at=0)
+    assert row.lost == [], row
+    assert row.duplicates == 0, row
