@@ -5,6 +5,7 @@ real Celery worker processes and the webfarm, all on 127.0.0.1 and free ports.
 from __future__ import annotations
 
 import gc
+import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from fleettest.sample import Fleet, fleet_env
 from fleettest.webfarm import WebFarm, serve
 
 HERE = Path(__file__).resolve().parent
+# The loopback webfarm's address: fetches are refused anywhere not public unless allowed
+# (FLEETAPP_FETCH_ALLOW_NETWORKS). Only this address, so the rest of 127/8 stays refused.
+LOOPBACK_WEBFARM = "127.0.0.1/32"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -39,6 +43,12 @@ def webfarm() -> Iterator[WebFarm]:
 
 
 @pytest.fixture(scope="session")
+def webfarm_allowed() -> tuple[ipaddress.IPv4Network, ...]:
+    """allow_networks for in-process fetches from the webfarm (what the workers are given)."""
+    return (ipaddress.IPv4Network(LOOPBACK_WEBFARM),)
+
+
+@pytest.fixture(scope="session")
 def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Isolate from a developer's /etc/fleetapp/fleetapp.env.
     path = tmp_path_factory.mktemp("envfile") / "empty.env"
@@ -52,7 +62,7 @@ def fleet(
 ) -> Iterator[Fleet]:
     """Two real workers on db 0: gevent on the network queue, solo on the default queue."""
     logdir = tmp_path_factory.mktemp("workers")
-    env = fleet_env(redis_server, empty_env_file)
+    env = fleet_env(redis_server, empty_env_file, FLEETAPP_FETCH_ALLOW_NETWORKS=LOOPBACK_WEBFARM)
     net = start_worker(env, logdir, "net", pool="gevent", concurrency=20, queues="network")
     default = start_worker(env, logdir, "default", pool="solo", queues="default")
     try:

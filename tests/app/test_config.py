@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from pathlib import Path
 
@@ -24,6 +25,18 @@ def test_defaults(base):
     assert s.result_backend == s.broker_url
     assert (s.default_queue, s.network_queue) == ("default", "network")
     assert s.ssl_options is None
+    assert s.fetch_allow_networks == ()
+
+
+def test_fetch_allow_networks(base):
+    s = load_settings({**base, "FLEETAPP_FETCH_ALLOW_NETWORKS": " 198.18.0.1/32, fd00:1::/64,"})
+    assert s.fetch_allow_networks == (
+        ipaddress.ip_network("198.18.0.1/32"),
+        ipaddress.ip_network("fd00:1::/64"),
+    )
+    # A bare address is that one address.
+    s = load_settings({**base, "FLEETAPP_FETCH_ALLOW_NETWORKS": "198.18.0.1"})
+    assert s.fetch_allow_networks == (ipaddress.ip_network("198.18.0.1/32"),)
 
 
 def test_credentials_are_quoted_into_both_urls(base):
@@ -90,6 +103,12 @@ def test_tls_and_ca_file(base, tmp_path):
         ({"FLEETAPP_RESULT_BACKEND": "redis:///0"}, "FLEETAPP_RESULT_BACKEND"),
         ({"FLEETAPP_NETWORK_QUEUE": "bad queue"}, "FLEETAPP_NETWORK_QUEUE"),
         ({"FLEETAPP_ENV_FILE": "/nonexistent/fleetapp.env"}, "FLEETAPP_ENV_FILE"),
+        ({"FLEETAPP_FETCH_ALLOW_NETWORKS": "198.18.0.1/33"}, "FLEETAPP_FETCH_ALLOW_NETWORKS"),
+        ({"FLEETAPP_FETCH_ALLOW_NETWORKS": "198.18.0.1/24"}, "FLEETAPP_FETCH_ALLOW_NETWORKS"),
+        (
+            {"FLEETAPP_FETCH_ALLOW_NETWORKS": "127.0.0.1/32,webfarm"},
+            "FLEETAPP_FETCH_ALLOW_NETWORKS",
+        ),
     ],
 )
 def test_invalid_values_name_the_variable(base, extra, variable):

@@ -225,7 +225,12 @@ def cmd_fetch(args: argparse.Namespace, settings: Settings) -> int:
     sequential: list[FetchResult] | None = None
     if args.sequential or args.compare:
         results, seq_wall = _progress_results(
-            fetch_sequential(urls, fetch_timeout=per_url), len(urls), "sequential", show
+            fetch_sequential(
+                urls, fetch_timeout=per_url, allow_networks=settings.fetch_allow_networks
+            ),
+            len(urls),
+            "sequential",
+            show,
         )
         sequential = results
         out["sequential_time"] = round(seq_wall, 3)

@@ -16,12 +16,17 @@ Celery's own variables, which win over the FLEETAPP_* ones:
     FLEETAPP_REDIS_CA_FILE          CA bundle to verify the Redis server with (needs TLS)
     FLEETAPP_DEFAULT_QUEUE          queue for everything else (default "default")
     FLEETAPP_NETWORK_QUEUE          queue for network-bound tasks (default "network")
+    FLEETAPP_FETCH_ALLOW_NETWORKS   comma-separated CIDRs (e.g. 198.18.0.1/32,fd00:1::/64) that
+                                    fetch_url may connect to although they are not public
+                                    (default none: only globally routable addresses; see
+                                    fleetapp.egress)
 
 Time limits, leases and retries are the deployment's (celery-fleet's FLEET_* variables).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
@@ -39,6 +44,8 @@ _FALSE = {"0", "false", "no", "off", ""}
 _QUEUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _ENV_LINE_RE = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)")
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message is one line naming the variable."""
@@ -55,6 +62,8 @@ class Settings:
     ca_file: str | None = None
     default_queue: str = "default"
     network_queue: str = "network"
+    # Networks a fetch may connect to besides the public internet (fleetapp.egress).
+    fetch_allow_networks: tuple[IPNetwork, ...] = ()
 
     @property
     def ssl_options(self) -> dict[str, Any] | None:
@@ -134,6 +143,22 @@ def _queue(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for item in env.get(name, "").split(","):
+        text = item.strip()
+        if not text:
+            continue
+        try:
+            # strict: "198.18.0.1/24" (host bits set) is more likely a typo than a /24.
+            networks.append(ipaddress.ip_network(text))
+        except ValueError as exc:
+            raise ConfigError(
+                f"{name}: {text!r} is not a network in CIDR notation ({exc})"
+            ) from None
+    return tuple(networks)
+
+
 def redact_url(url: str) -> str:
     """The URL without any credentials, safe to print."""
     parts = urlsplit(url)
@@ -196,4 +221,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ca_file=ca_file,
         default_queue=_queue(env, "FLEETAPP_DEFAULT_QUEUE", "default"),
         network_queue=_queue(env, "FLEETAPP_NETWORK_QUEUE", "network"),
+        fetch_allow_networks=_networks(env, "FLEETAPP_FETCH_ALLOW_NETWORKS"),
     )

@@ -17,6 +17,7 @@ from celery import Celery, group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult
 
+from fleetapp.config import IPNetwork
 from fleetapp.fetching import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, FetchResult, fetch, validate_url
 
 FETCH_TASK = "fleetapp.fetch_url"
@@ -101,10 +102,17 @@ def fetch_sequential(
     *,
     fetch_timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    allow_networks: Iterable[IPNetwork] = (),
 ) -> Iterator[FetchResult]:
-    """The tutorial's baseline: one URL after another, in this process, no Celery."""
+    """The tutorial's baseline: one URL after another, in this process, no Celery.
+
+    ``allow_networks``: what a worker's FLEETAPP_FETCH_ALLOW_NETWORKS allows (Settings).
+    """
+    allow = tuple(allow_networks)
     for url in urls:
-        yield fetch(url, timeout=fetch_timeout, max_bytes=max_bytes, worker="local")
+        yield fetch(
+            url, timeout=fetch_timeout, max_bytes=max_bytes, worker="local", allow_networks=allow
+        )
 
 
 def timed(iterator: Iterator[FetchResult]) -> tuple[list[FetchResult], float]:

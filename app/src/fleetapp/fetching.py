@@ -2,19 +2,26 @@
 
 Nothing here raises for a bad URL or a failing server: every outcome is a small JSON-able dict
 (see FetchResult) so a worker never crashes or gets stuck on user input.
+
+Fetches connect only to public addresses and the networks the caller allows (fleetapp.egress):
+anything else, redirects included, ends as a ``forbidden_address`` result.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
+
+from fleetapp.config import IPNetwork
+from fleetapp.egress import ForbiddenAddressError, GuardedAdapter
 
 DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 120.0
@@ -116,6 +123,9 @@ def classify(exc: BaseException) -> tuple[str, str, bool]:
     """(code, message, retryable) for an exception raised while fetching."""
     chain = list(_causes(exc))
     for item in chain:
+        if isinstance(item, ForbiddenAddressError):
+            return "forbidden_address", item.message, False
+    for item in chain:
         if isinstance(item, urllib3.exceptions.NameResolutionError | socket.gaierror):
             return "dns", "host name could not be resolved", False
     for item in chain:
@@ -174,8 +184,12 @@ def fetch_once(
     timeout: float = DEFAULT_TIMEOUT,
     max_bytes: int = DEFAULT_MAX_BYTES,
     worker: str = "local",
+    allow_networks: Iterable[IPNetwork] = (),
 ) -> tuple[FetchResult, bool]:
-    """One attempt: (result, retryable). Never raises for bad input or network trouble."""
+    """One attempt: (result, retryable). Never raises for bad input or network trouble.
+
+    Connects only to public addresses and those in ``allow_networks`` (fleetapp.egress).
+    """
     started = time.monotonic()
     shown = url if isinstance(url, str) else repr(url)
     try:
@@ -191,6 +205,16 @@ def fetch_once(
     with requests.Session() as session:
         session.max_redirects = MAX_REDIRECTS
         session.headers["User-Agent"] = USER_AGENT
+        # No proxy from the environment (the guard would check the proxy, not the target) and
+        # no ~/.netrc credentials for a host a client chose...
+        session.trust_env = False
+        # ...but still the CA bundle an operator named, as trust_env would have.
+        session.verify = (
+            os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        )
+        adapter = GuardedAdapter(allow_networks)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         try:
             response = session.get(
                 url, timeout=(min(CONNECT_TIMEOUT, timeout), timeout), stream=True
@@ -256,11 +280,15 @@ def fetch(
     max_bytes: int = DEFAULT_MAX_BYTES,
     retries: int = RETRIES,
     worker: str = "local",
+    allow_networks: Iterable[IPNetwork] = (),
 ) -> FetchResult:
     """fetch_once with in-process retries and backoff on connection errors (--sequential)."""
+    allow = tuple(allow_networks)
     attempt = 0
     while True:
-        result, retryable = fetch_once(url, timeout=timeout, max_bytes=max_bytes, worker=worker)
+        result, retryable = fetch_once(
+            url, timeout=timeout, max_bytes=max_bytes, worker=worker, allow_networks=allow
+        )
         if not retryable or attempt >= retries:
             return result
         time.sleep(backoff(attempt))
