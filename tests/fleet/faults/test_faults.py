@@ -7,18 +7,21 @@ table; the README's "Guarantees" says which scenarios may produce them.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.conftest import REPO, lab, on
 from tests.fleet.conftest import playbook
-from tests.fleet.faults.conftest import FULL, Scenario, redis_cli, size
+from tests.fleet.faults.conftest import FULL, WEBFARM, Scenario, redis_cli, size
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -54,6 +57,37 @@ def test_redis_restart_loses_nothing():
     assert row.lost == [], row
     # Running tasks keep running through the restart; nothing waits for a lease to expire.
     assert row.longest_delay < LEASE, row
+
+
+def test_cli_fan_out_through_a_redis_restart_returns_every_result():
+    """The issue's first report, as a user runs it: `fleetapp fetch -f` of 400 URLs on client1,
+    Redis restarted 3 s in. Every URL comes back with its result, and ran (the ledger)."""
+    run_id = f"cli-fan-out-{int(time.time())}"
+    requests.delete(f"{WEBFARM}/ledger/{run_id}", timeout=10)
+    urls = "\n".join(f"{WEBFARM}/delay/2?ledger={run_id}.{n}" for n in range(400))
+    on("client1", "cat > /tmp/fan-out-urls.txt", input=urls + "\n")
+    fetched: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def fan_out() -> None:
+        fetched["result"] = on(
+            "client1",
+            "fleetapp fetch --json --timeout 600 -f /tmp/fan-out-urls.txt",
+            check=False,
+            timeout=700,
+        )
+
+    user = threading.Thread(target=fan_out)
+    user.start()
+    time.sleep(3)
+    on("redis1", "systemctl restart redis-server")
+    user.join()
+    result = fetched["result"]
+    out = json.loads(result.stdout)
+    failed = [r for r in out["results"] if not r["ok"]]
+    assert (out["ok"], failed) == (400, []), result.stderr[-2000:]
+    executions = requests.get(f"{WEBFARM}/ledger/{run_id}", timeout=10).json()["executions"]
+    ran = {token for token, entries in executions.items() if any(e["sent"] for e in entries)}
+    assert len(ran) == 400
 
 
 def test_worker_unit_killed_loses_nothing():
