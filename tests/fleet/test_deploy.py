@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.fleet.conftest import FRESH_CHECK, playbook, recap
+from tests.conftest import REPO, on
+from tests.fleet.conftest import FRESH_CHECK, playbook, recap, secret
 
 LAB_INVENTORY = REPO / "inventory" / "lab"
 
@@ -79,6 +80,14 @@ def two_redis_hosts(children):
     children["redis"]["hosts"]["client1"] = children["clients"]["hosts"]["client1"]
 
 
+def invalid_address(children):
+    children["workers"]["hosts"]["worker2"]["ansible_host"] = "999.1.1.1"
+
+
+def duplicate_address(children):
+    children["clients"]["hosts"]["client1"]["ansible_host"] = "198.18.0.11"
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -86,8 +95,10 @@ def two_redis_hosts(children):
         (two_redis_hosts, "exactly one host in group 'redis' (it has 2"),
         (no_workers, "no host in group 'workers'"),
         (redis_on_a_worker, "redis1 is in both 'redis' and 'workers'"),
+        (invalid_address, "worker2 has no valid IPv4 fleet_private_address (999.1.1.1)"),
+        (duplicate_address, "client1 and worker1 share the address 198.18.0.11"),
     ],
-    ids=["no-redis", "two-redis", "no-workers", "redis-and-worker"],
+    ids=["no-redis", "two-redis", "no-workers", "redis-and-worker", "bad-ip", "same-ip"],
 )
 def test_preflight_refuses_a_bad_inventory_before_touching_any_host(tmp_path, edit, message):
     result = playbook("site.yml", "-i", bad_inventory(tmp_path, edit))
@@ -186,3 +197,28 @@ def test_preflight_refuses_a_weak_secret_without_showing_it():
     )
     assert "short-secret" not in result.stdout
     assert "PLAY [Redis broker" not in result.stdout
+
+
+def test_the_redis_admin_password_stays_off_command_lines(deployed):
+    """-vvv prints every remote command line; ps on redis1, sampled during the run, shows them."""
+    password = secret("redis-admin")
+    seen: list[str] = []
+    done = threading.Event()
+
+    def sample_ps() -> None:
+        while not done.is_set():
+            seen.append(on("redis1", "ps -eo args", check=False).stdout)
+
+    sampler = threading.Thread(target=sample_ps)
+    sampler.start()
+    try:
+        result = playbook("site.yml", "--limit", "redis1", "--tags", "redis_service", "-vvv")
+    finally:
+        done.set()
+        sampler.join()
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Check that Redis answers PING as the admin user" in result.stdout
+    # The samples saw Ansible's remote commands (sh -c wraps every module it runs there).
+    assert any("python3" in sample and "sh -c" in sample for sample in seen), seen[-1]
+    assert password not in result.stdout + result.stderr
+    assert not [sample for sample in seen if password in sample]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -127,3 +128,9 @@ def test_metrics_for_prometheus(base_url):
     status, body = get(f"{base_url}/metrics")
     assert status == 200
     assert b"flower_" in body or b"celery_" in body or b"python_info" in body
+
+
+def test_systemd_rates_the_flower_sandbox_ok(host):
+    out = host.check_output("systemd-analyze security --no-pager flower.service")
+    score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)[1])
+    assert score <= 2.5, out
