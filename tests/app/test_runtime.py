@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from urllib.parse import quote
+
 from fleettest.commands import BIN, run
 
 TRANSIENT_REFUSALS_ARE_LOST_CONNECTIONS = """
@@ -28,4 +31,54 @@ def test_redis_refusing_writes_for_memory_or_disk_counts_as_a_lost_connection():
     assert lines == [
         ["OutOfMemoryError", "True", "True", "True"],
         ["PersistenceError", "True", "True", "True"],
+    ]
+
+
+UNANSWERED_POP = """
+import os, time
+import redis
+from celery import Celery
+from kombu import Queue
+from celery_fleet import lease, transport
+
+url = os.environ["UNANSWERED_BROKER_URL"]
+inspect = redis.Redis.from_url(url)
+app = Celery(broker=url)
+app.conf.broker_transport_options = {"visibility_timeout": 30, "priority_steps": [0]}
+transport.Channel.atomic_pop = True
+with app.connection_for_read() as conn:
+    channel = conn.channel()
+    queue = Queue("unanswered", routing_key="unanswered")
+    conn.Producer(channel).publish({"n": 1}, routing_key="unanswered", declare=[queue])
+    channel.basic_consume("unanswered", False, lambda message: None, "unanswered-test")
+    # What kombu's poller does when it registers the channel for BRPOP.
+    channel.client.connection = channel.client.connection_pool.get_connection("_")
+    channel._brpop_start()
+    first = channel._fleet_moving
+    time.sleep(0.5)
+    # The server moved the message; its answer never arrives (the connection is dropped unread).
+    channel.client.connection.disconnect()
+    stranded = inspect.llen(first)
+    channel._brpop_start()
+    print(stranded, first in lease._closed_processing, channel._fleet_moving != first)
+    time.sleep(channel.brpop_timeout + 0.5)  # the new pop found the queue empty
+    # The keeper moves the retired list back to the queue.
+    keeper = lease.LeaseKeeper(app)
+    keeper._reclaim_processing(keeper._channel())
+    print(inspect.llen(first), inspect.llen("unanswered"))
+"""
+
+
+def test_a_pop_whose_answer_was_lost_is_moved_back_to_its_queue(redis_server):
+    """A BLMOVE the server ran but whose reply never came (a partition) strands no message."""
+    server = redis_server
+    password = quote(server.password, safe="")
+    url = f"redis://{server.username}:{password}@127.0.0.1:{server.port}/5"
+    # The URL carries the password: through the environment, not the command line.
+    env = {**os.environ, "UNANSWERED_BROKER_URL": url}
+    proc = run([str(BIN / "fleet-python"), "-c", UNANSWERED_POP], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split() for line in proc.stdout.splitlines()] == [
+        ["1", "True", "True"],
+        ["0", "1"],
     ]

@@ -127,7 +127,13 @@ class Channel(_RedisChannel):
             or len(self.priority_steps) != 1
             or queues[0] in self._fleet_no_ack_queues
         ):
+            if self._fleet_moving is not None:
+                # Popped into no more; a BLMOVE of it may still have been unanswered.
+                from celery_fleet import lease
+
+                lease.forget_processing(self._fleet_moving)
             self._fleet_moving = None
+            self._fleet_unanswered = False
             return super()._brpop_start(timeout)
         if timeout is None:
             timeout = self.brpop_timeout
@@ -187,11 +193,13 @@ class Channel(_RedisChannel):
 
     def close(self) -> None:
         processing = self._fleet_moving
-        super().close()
-        if processing is not None:
-            from celery_fleet import lease
+        try:
+            super().close()
+        finally:
+            if processing is not None:
+                from celery_fleet import lease
 
-            lease.forget_processing(processing)
+                lease.forget_processing(processing)
 
 
 def install() -> None:

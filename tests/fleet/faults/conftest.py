@@ -56,8 +56,11 @@ def redis_cli(*commands: str) -> list[str]:
 
 
 def redis_holds() -> int:
-    """Messages Redis holds: queued in either queue, or delivered and not acknowledged."""
-    return sum(int(n) for n in redis_cli("LLEN network", "LLEN default", "HLEN unacked"))
+    """Messages Redis holds: queued in either queue, delivered and not acknowledged, or in a
+    worker's processing list (celery_fleet.transport) on their way to either."""
+    lists = redis_cli("HKEYS _fleet.processing")
+    counts = ["LLEN network", "LLEN default", "HLEN unacked", *(f"LLEN {key}" for key in lists)]
+    return sum(int(n) for n in redis_cli(*counts))
 
 
 @dataclass
@@ -126,8 +129,9 @@ def drain(name: str, run_id: str, publishes: list[list[Any]], timeout: float) ->
         if not report(name, publishes, ledger(run_id)).lost and redis_holds() == 0:
             break
         time.sleep(2)
-    # Late duplicates (a redelivery of something that already ran) would show up now.
-    time.sleep(3)
+    # Late duplicates (a redelivery of something that already ran) would show up now: one lease
+    # keeper tick (3 s in the lab) and one task.
+    time.sleep(5)
     return report(name, publishes, ledger(run_id))
 
 

@@ -39,8 +39,8 @@ def wait_active(host: str, unit: str, timeout: float = 120) -> None:
 
 
 def worker_restarts(host: str) -> str:
-    unit = "celery-worker@network"
-    return on(host, f"systemctl show -p NRestarts -p MainPID --value {unit}").stdout
+    units = "celery-worker@network celery-worker@default"
+    return on(host, f"systemctl show -p NRestarts -p MainPID --value {units}").stdout
 
 
 def power_back(host: str, *units: str) -> None:
@@ -289,11 +289,15 @@ def test_upgrade_under_load_loses_nothing():
         init = project / "src" / "fleetapp" / "__init__.py"
         init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.1.1"'))
         upgraded: dict[str, subprocess.CompletedProcess[str]] = {}
+        units = "celery-worker@network celery-worker@default"
+        pids_before = on("worker1", "systemctl show -p MainPID --value " + units).stdout
 
         def upgrade() -> None:
             upgraded["result"] = playbook(
                 "playbooks/upgrade.yml", *limit, "-e", f"fleet_app_project_dir={project}"
             )
+            upgraded["pids"] = on("worker1", "systemctl show -p MainPID --value " + units)
+            upgraded["version"] = on("worker1", f"{APP_VERSION} fleetapp")
 
         try:
             # Publishing lasts about as long as the rolling upgrade.
@@ -305,6 +309,9 @@ def test_upgrade_under_load_loses_nothing():
         result = upgraded["result"]
         assert result.returncode == 0, result.stdout[-3000:]
         assert back.returncode == 0, back.stdout[-3000:]
+        # The upgrade happened: worker1 ran 0.1.1 in new processes.
+        assert upgraded["version"].stdout.strip() == "0.1.1", upgraded["version"]
+        assert upgraded["pids"].stdout != pids_before
     assert row.lost == [], row
     assert row.raised == 0, row  # Redis never went away: no publish may fail
     # Warm shutdowns: what ran finished, what was reserved went back unstarted.
@@ -340,6 +347,10 @@ def test_worker_partitioned_longer_than_the_lease_loses_nothing():
     assert row.longest_delay < 3 * LEASE, row
 
 
+# The app's version as installed on a host.
+APP_VERSION = "/opt/celery-fleet/venv/bin/python -c 'import importlib.metadata as m, sys;"
+APP_VERSION += " print(m.version(sys.argv[1]))'"
+
 REDIS_DIR = "/var/lib/redis"
 REDIS_STAGE = "/var/lib/redis.fault-stage"
 
@@ -352,24 +363,28 @@ def redis_on_a_small_disk() -> Iterator[None]:
     """
     used = int(on("redis1", f"du -sb {REDIS_DIR} | cut -f1").stdout)
     size_mb = used // 2**20 + 64
-    on(
-        "redis1",
-        f"systemctl stop redis-server && rm -rf {REDIS_STAGE} && cp -a {REDIS_DIR} {REDIS_STAGE}"
-        f" && mount -t tmpfs -o size={size_mb}m,mode=0750,uid=redis,gid=redis"
-        f" fault-disk {REDIS_DIR}"
-        f" && cp -a {REDIS_STAGE}/. {REDIS_DIR}/ && systemctl start redis-server",
+    # Whatever fails, Redis ends up on its own disk with what it wrote, and running.
+    restore = (
+        f"rm -f {REDIS_DIR}/ballast; systemctl stop redis-server;"
+        f" if findmnt -n {REDIS_DIR} >/dev/null; then rm -rf {REDIS_STAGE}"
+        f" && cp -a {REDIS_DIR} {REDIS_STAGE} && umount {REDIS_DIR}"
+        f" && find {REDIS_DIR} -mindepth 1 -delete && cp -a {REDIS_STAGE}/. {REDIS_DIR}/; fi;"
+        f" rm -rf {REDIS_STAGE}; systemctl start redis-server"
     )
     try:
-        yield
-    finally:
         on(
             "redis1",
-            f"rm -f {REDIS_DIR}/ballast; systemctl stop redis-server && rm -rf {REDIS_STAGE}"
-            f" && cp -a {REDIS_DIR} {REDIS_STAGE} && umount {REDIS_DIR}"
-            f" && find {REDIS_DIR} -mindepth 1 -delete && cp -a {REDIS_STAGE}/. {REDIS_DIR}/"
-            f" && rm -rf {REDIS_STAGE} && systemctl start redis-server",
+            f"systemctl stop redis-server && rm -rf {REDIS_STAGE}"
+            f" && cp -a {REDIS_DIR} {REDIS_STAGE}"
+            f" && mount -t tmpfs -o size={size_mb}m,mode=0750,uid=redis,gid=redis"
+            f" fault-disk {REDIS_DIR}"
+            f" && cp -a {REDIS_STAGE}/. {REDIS_DIR}/ && systemctl start redis-server",
         )
-        assert on("redis1", f"findmnt -n {REDIS_DIR}", check=False).stdout == ""
+        yield
+    finally:
+        on("redis1", restore)
+    assert on("redis1", f"findmnt -n {REDIS_DIR}", check=False).stdout == ""
+    assert on("redis1", "systemctl is-active redis-server").stdout.strip() == "active"
 
 
 def test_redis_disk_full_refuses_publishes_and_keeps_the_queue(redis_on_a_small_disk):
@@ -396,6 +411,7 @@ def test_redis_disk_full_refuses_publishes_and_keeps_the_queue(redis_on_a_small_
     assert row.duplicates == 0, row
 
 
+WORKER_UNITS = "celery-worker@network celery-worker@default"
 FAKETIME_DROP_IN = "/etc/systemd/system/celery-worker@.service.d/zz-fault-clock.conf"
 
 
@@ -409,23 +425,19 @@ def worker1_clock_ahead() -> Iterator[None]:
         timeout=300,
     )
     library = on("worker1", "dpkg -L libfaketime | grep 'libfaketime.so.1$'").stdout.strip()
-    on(
-        "worker1",
-        f"mkdir -p $(dirname {FAKETIME_DROP_IN}) && printf '%s\\n' '[Service]'"
-        f" 'Environment=LD_PRELOAD={library} FAKETIME=+10m FAKETIME_DONT_FAKE_MONOTONIC=1'"
-        f" > {FAKETIME_DROP_IN} && systemctl daemon-reload"
-        " && systemctl restart celery-worker@network celery-worker@default",
-        timeout=300,
-    )
+    restart = "systemctl daemon-reload && systemctl restart " + WORKER_UNITS
     try:
-        yield
-    finally:
         on(
             "worker1",
-            f"rm -f {FAKETIME_DROP_IN} && systemctl daemon-reload"
-            " && systemctl restart celery-worker@network celery-worker@default",
+            f"mkdir -p $(dirname {FAKETIME_DROP_IN}) && printf '%s\\n' '[Service]'"
+            f" 'Environment=LD_PRELOAD={library} FAKETIME=+10m FAKETIME_DONT_FAKE_MONOTONIC=1'"
+            f" > {FAKETIME_DROP_IN} && {restart}",
             timeout=300,
         )
+        yield
+    finally:
+        # Whatever failed, worker1 runs on the true clock again.
+        on("worker1", f"rm -f {FAKETIME_DROP_IN}; {restart}", timeout=300)
 
 
 def test_worker_clock_ten_minutes_ahead_changes_nothing(worker1_clock_ahead):
@@ -434,8 +446,9 @@ def test_worker_clock_ten_minutes_ahead_changes_nothing(worker1_clock_ahead):
     environ = on("worker1", f"tr '\\0' '\\n' < /proc/{main}/environ").stdout.split()
     preload = [v for v in environ if v.startswith(("LD_PRELOAD=", "FAKETIME="))]
     assert len(preload) == 2, f"the worker does not run with the skewed clock: {environ}"
-    # What the worker's libc tells it the time is, against the true time.
-    seen = on("worker1", f"env {' '.join(preload)} date +%s; date +%s").stdout.split()
+    # What the workers' Python tells them the time is, against the true time.
+    python = "/opt/celery-fleet/venv/bin/python -c 'import time; print(int(time.time()))'"
+    seen = on("worker1", f"env {' '.join(preload)} {python}; {python}").stdout.split()
     assert 590 <= int(seen[0]) - int(seen[1]) <= 610, seen
     # A worker ahead that judged leases by its own clock would take back what worker2 runs.
     row = Scenario("worker1 clock +10 min", count=size(150, 400), rate=25).run(lambda: None, at=0)
