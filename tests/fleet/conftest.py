@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -69,3 +70,9 @@ def deployed() -> subprocess.CompletedProcess[str]:
     if result.returncode != 0:
         pytest.fail(f"site.yml failed:\n{result.stdout[-8000:]}\n{result.stderr[-2000:]}")
     return result
+
+
+def sandbox_exposure(host: Any, unit: str) -> float:
+    """systemd's own score of a unit's sandbox (0 = locked down, 10 = exposed; <= 2.5 is "OK")."""
+    out = host.check_output(f"systemd-analyze security --no-pager {unit}")
+    return float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)[1])

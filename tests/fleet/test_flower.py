@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.fleet.conftest import FLEET_DEFAULTS
+from tests.fleet.conftest import FLEET_DEFAULTS, sandbox_exposure
 
 testinfra_hosts = ["ansible://monitor"]
 
@@ -131,6 +130,4 @@ def test_metrics_for_prometheus(base_url):
 
 
 def test_systemd_rates_the_flower_sandbox_ok(host):
-    out = host.check_output("systemd-analyze security --no-pager flower.service")
-    score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)[1])
-    assert score <= 2.5, out
+    assert sandbox_exposure(host, "flower.service") <= 2.5

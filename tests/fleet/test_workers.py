@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fleet.conftest import sandbox_exposure
+
 testinfra_hosts = ["ansible://workers"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,12 +166,6 @@ def test_network_sysctls(host, key, expected):
     assert host.sysctl(key) == expected
 
 
-def exposure(host, unit: str) -> float:
-    """systemd's own score of a unit's sandbox (0 = locked down, 10 = exposed; <= 2.5 is "OK")."""
-    out = host.check_output(f"systemd-analyze security --no-pager {unit}")
-    return float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)[1])
-
-
 @pytest.mark.parametrize("queue", QUEUES)
 def test_systemd_rates_the_worker_sandbox_ok(host, queue):
-    assert exposure(host, f"celery-worker@{queue}.service") <= 2.5
+    assert sandbox_exposure(host, f"celery-worker@{queue}.service") <= 2.5

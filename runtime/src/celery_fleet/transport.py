@@ -127,11 +127,8 @@ class Channel(_RedisChannel):
             or len(self.priority_steps) != 1
             or queues[0] in self._fleet_no_ack_queues
         ):
-            if self._fleet_moving is not None:
-                # Popped into no more; a BLMOVE of it may still have been unanswered.
-                from celery_fleet import lease
-
-                lease.forget_processing(self._fleet_moving)
+            # Popped into no more; a BLMOVE of it may still have been unanswered.
+            _retire(self._fleet_moving)
             self._fleet_moving = None
             self._fleet_unanswered = False
             return super()._brpop_start(timeout)
@@ -140,9 +137,7 @@ class Channel(_RedisChannel):
         queue = queues[0]
         if self._fleet_unanswered and self._fleet_moving is not None:
             # The last BLMOVE's fate is unknown (see the module's docstring).
-            from celery_fleet import lease
-
-            lease.forget_processing(self._fleet_moving)
+            _retire(self._fleet_moving)
             self._fleet_epoch += 1
             self._fleet_moving = None
         processing = self.processing_key(queue)
@@ -196,10 +191,15 @@ class Channel(_RedisChannel):
         try:
             super().close()
         finally:
-            if processing is not None:
-                from celery_fleet import lease
+            _retire(processing)
 
-                lease.forget_processing(processing)
+
+def _retire(processing: str | None) -> None:
+    """Hand a processing list this channel no longer pops into to the lease keeper."""
+    if processing is not None:
+        from celery_fleet import lease  # lease imports this module
+
+        lease.forget_processing(processing)
 
 
 def install() -> None:

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.timeout(900)
 
 # The lab's lease (fleet_visibility_timeout): how long a vanished worker's messages wait.
 LEASE = 30
+WORKER_UNITS = "celery-worker@network celery-worker@default"
+# The app's interpreter on a host (fleet_app_venv).
+VENV_PYTHON = "/opt/celery-fleet/venv/bin/python"
 
 
 def wait_active(host: str, unit: str, timeout: float = 120) -> None:
@@ -39,8 +42,7 @@ def wait_active(host: str, unit: str, timeout: float = 120) -> None:
 
 
 def worker_restarts(host: str) -> str:
-    units = "celery-worker@network celery-worker@default"
-    return on(host, f"systemctl show -p NRestarts -p MainPID --value {units}").stdout
+    return on(host, f"systemctl show -p NRestarts -p MainPID --value {WORKER_UNITS}").stdout
 
 
 def power_back(host: str, *units: str) -> None:
@@ -289,14 +291,13 @@ def test_upgrade_under_load_loses_nothing():
         init = project / "src" / "fleetapp" / "__init__.py"
         init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.1.1"'))
         upgraded: dict[str, subprocess.CompletedProcess[str]] = {}
-        units = "celery-worker@network celery-worker@default"
-        pids_before = on("worker1", "systemctl show -p MainPID --value " + units).stdout
+        pids_before = on("worker1", "systemctl show -p MainPID --value " + WORKER_UNITS).stdout
 
         def upgrade() -> None:
             upgraded["result"] = playbook(
                 "playbooks/upgrade.yml", *limit, "-e", f"fleet_app_project_dir={project}"
             )
-            upgraded["pids"] = on("worker1", "systemctl show -p MainPID --value " + units)
+            upgraded["pids"] = on("worker1", "systemctl show -p MainPID --value " + WORKER_UNITS)
             upgraded["version"] = on("worker1", f"{APP_VERSION} fleetapp")
 
         try:
@@ -348,7 +349,7 @@ def test_worker_partitioned_longer_than_the_lease_loses_nothing():
 
 
 # The app's version as installed on a host.
-APP_VERSION = "/opt/celery-fleet/venv/bin/python -c 'import importlib.metadata as m, sys;"
+APP_VERSION = f"{VENV_PYTHON} -c 'import importlib.metadata as m, sys;"
 APP_VERSION += " print(m.version(sys.argv[1]))'"
 
 REDIS_DIR = "/var/lib/redis"
@@ -411,7 +412,6 @@ def test_redis_disk_full_refuses_publishes_and_keeps_the_queue(redis_on_a_small_
     assert row.duplicates == 0, row
 
 
-WORKER_UNITS = "celery-worker@network celery-worker@default"
 FAKETIME_DROP_IN = "/etc/systemd/system/celery-worker@.service.d/zz-fault-clock.conf"
 
 
@@ -447,7 +447,7 @@ def test_worker_clock_ten_minutes_ahead_changes_nothing(worker1_clock_ahead):
     preload = [v for v in environ if v.startswith(("LD_PRELOAD=", "FAKETIME="))]
     assert len(preload) == 2, f"the worker does not run with the skewed clock: {environ}"
     # What the workers' Python tells them the time is, against the true time.
-    python = "/opt/celery-fleet/venv/bin/python -c 'import time; print(int(time.time()))'"
+    python = f"{VENV_PYTHON} -c 'import time; print(int(time.time()))'"
     seen = on("worker1", f"env {' '.join(preload)} {python}; {python}").stdout.split()
     assert 590 <= int(seen[0]) - int(seen[1]) <= 610, seen
     # A worker ahead that judged leases by its own clock would take back what worker2 runs.
