@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_positive_float,
         default=2.0,
-        help="seconds to wait for workers (default 2)",
+        help="seconds to wait for Redis (default 2)",
     )
     return parser
 

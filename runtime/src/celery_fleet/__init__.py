@@ -4,7 +4,8 @@
 it before the application is imported; it changes no application code. ``activate()`` gives every
 Celery app the fleet's settings as defaults (:mod:`celery_fleet.config`), applies the fixes in
 :mod:`celery_fleet.patches` and :mod:`celery_fleet.transport`, and, in a worker, adds the lease
-keeper (:mod:`celery_fleet.lease`) to the consumer and parks tasks that keep killing their
+keeper (:mod:`celery_fleet.lease`) to the consumer, obeys only the remote-control commands the
+deployment enables (:mod:`celery_fleet.control`) and parks tasks that keep killing their
 worker (:mod:`celery_fleet.deadletter`).
 """
 
@@ -17,11 +18,13 @@ __all__ = ["__version__", "activate"]
 
 def activate() -> None:
     """Apply the fleet's fixes and hooks to this process (idempotent)."""
-    from celery_fleet import config, deadletter, lease, patches, transport
+    from celery_fleet import config, control, deadletter, lease, patches, transport
 
     config.fleet_settings()  # a bad FLEET_* value fails here, in one line, not at first use
+    control.allowed()
     config.install()
     patches.apply()
     transport.install()
     lease.install()
     deadletter.install()
+    control.install()

@@ -8,6 +8,10 @@ read by the units and by ``fleet-python``/``fleet-celery``)::
     FLEET_TASK_SOFT_TIME_LIMIT                 soft limit, s (default: 90 % of the hard limit)
     FLEET_VISIBILITY_TIMEOUT                   lease on a delivered message, s (default 120, >= 10)
     FLEET_REDIS_CA_FILE                        CA to verify a rediss:// server with (optional)
+    FLEET_WORKER_CONTROL_COMMANDS              control commands workers obey (celery_fleet.control)
+    FLEET_REDIS_KEY_PREFIX                     prefix of every key and channel of the app (kombu's
+                                               global_keyprefix): the app's Redis users may touch
+                                               only these (optional)
 
 They are *defaults* (``Celery.add_defaults``): a setting the application makes itself, in its
 config module or with ``app.conf.update``, wins over the fleet's. A broker or result backend URL
@@ -32,6 +36,8 @@ SOCKET_TIMEOUT = 15.0
 SOCKET_CONNECT_TIMEOUT = 5.0
 HEALTH_CHECK_INTERVAL = 10
 DEFAULT_MAX_TASK_STARTS = 5
+# The prefix becomes part of Redis ACL key and channel patterns: no glob characters, no spaces.
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 class ConfigError(ValueError):
@@ -81,6 +87,18 @@ def max_task_starts(environ: Mapping[str, str] | None = None) -> int:
     return _seconds(env, "FLEET_MAX_TASK_STARTS", DEFAULT_MAX_TASK_STARTS, unit="starts")
 
 
+def key_prefix(environ: Mapping[str, str] | None = None) -> str:
+    """The app's key prefix (FLEET_REDIS_KEY_PREFIX), "" when unset."""
+    env = os.environ if environ is None else environ
+    prefix = env.get("FLEET_REDIS_KEY_PREFIX", "").strip()
+    if prefix and not _KEY_PREFIX.fullmatch(prefix):
+        raise ConfigError(
+            f"FLEET_REDIS_KEY_PREFIX: {prefix!r} may hold only letters, digits and _ . : - "
+            "(at most 64)"
+        )
+    return prefix
+
+
 def soft_time_limit(hard: int) -> int:
     """The soft limit derived from the hard one: 90 %, so a task can clean up before the kill."""
     return max(1, hard * 9 // 10)
@@ -100,6 +118,7 @@ def fleet_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     if lease < MIN_VISIBILITY_TIMEOUT:
         # Renewed every tenth of it: shorter would not survive one slow round trip.
         raise ConfigError(f"FLEET_VISIBILITY_TIMEOUT: {lease} is below {MIN_VISIBILITY_TIMEOUT} s")
+    prefix = key_prefix(env)
     ssl_options: dict[str, Any] | None = None
     ca_file = env.get("FLEET_REDIS_CA_FILE", "").strip()
     if ca_file:
@@ -168,6 +187,11 @@ def fleet_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Workers started with -Q <name> get that queue declared.
         "task_create_missing_queues": True,
     }
+    if prefix:
+        # Queues, unacked, bindings, fanout channels (kombu) and results with their channels
+        # (Celery) all carry it, so the app's Redis users can be confined to it.
+        settings["broker_transport_options"]["global_keyprefix"] = prefix
+        settings["result_backend_transport_options"]["global_keyprefix"] = prefix
     if ssl_options is not None:
         settings["broker_use_ssl"] = ssl_options
         settings["redis_backend_use_ssl"] = ssl_options

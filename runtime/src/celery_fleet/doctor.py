@@ -35,6 +35,7 @@ EXIT_UNKNOWN_TASK = 7
 
 REDIS_TIMEOUT = 3.0
 TRAP = '"Received unregistered task" trap'
+NO_WORKERS = "no worker is online (none renewed its entry in _fleet.workers lately)"
 
 
 class DoctorError(Exception):
@@ -108,23 +109,26 @@ class Worker:
     queues: list[str] = field(default_factory=list)
 
 
-def inspect_workers(app: Any, timeout: float) -> dict[str, Worker]:
-    """Workers that answered within ``timeout``: their registered tasks and queues."""
-    registered = app.control.inspect(timeout=timeout).registered() or {}
-    if not registered:
-        return {}
-    hosts = sorted(registered)
-    # We know who is there: the second question returns as soon as they all answered.
-    active = (
-        app.control.inspect(timeout=timeout, destination=hosts, limit=len(hosts)).active_queues()
-        or {}
-    )
+def online_workers(app: Any, timeout: float = REDIS_TIMEOUT) -> dict[str, Worker]:
+    """Workers online (celery_fleet.registry): their registered tasks and queues.
+
+    Read from Redis, not asked over the pidbox: clients may not broadcast to the workers.
+    """
+    from celery_fleet import registry
+
+    options = app.conf.broker_transport_options or {}
+    key = options.get("global_keyprefix", "") + registry.WORKERS_KEY
+    client = redis_client(app, str(app.conf.broker_url), timeout)
+    try:
+        seconds, microseconds = client.time()
+        entries = registry.read(client, key)
+    finally:
+        client.close()
+    now = seconds + microseconds / 1_000_000
+    lease = float(options.get("visibility_timeout", 3600))
     return {
-        host: Worker(
-            tasks=sorted(registered.get(host) or []),
-            queues=sorted(q.get("name", "?") for q in active.get(host) or []),
-        )
-        for host in sorted(set(registered) | set(active))
+        name: Worker(tasks=entry.tasks, queues=entry.queues)
+        for name, entry in registry.fresh(entries, now, lease).items()
     }
 
 
@@ -160,8 +164,8 @@ def explain_missing(name: str, worker_tasks: set[str]) -> str:
     )
 
 
-def queue_length(client: Any, queue: str) -> int:
-    return int(client.llen(queue))
+def queue_length(client: Any, prefix: str, queue: str) -> int:
+    return int(client.llen(prefix + queue))
 
 
 def dead_letters(app: Any, client: Any, queues: list[str]) -> dict[str, int]:
@@ -233,15 +237,16 @@ def _diagnose(app: Any, timeout: float) -> Report:
 
     known = describe(app)["tasks"]
     try:
-        report.workers = inspect_workers(app, timeout)
+        report.workers = online_workers(app, timeout)
     except (OSError, redis.exceptions.RedisError) as exc:
-        report.fail(EXIT_BROKER_DOWN, f"could not reach the workers through the broker: {exc}")
+        report.fail(EXIT_BROKER_DOWN, f"could not read which workers are online: {exc}")
         return report
     consumed = {q for w in report.workers.values() for q in w.queues}
     queues = sorted({app.conf.task_default_queue, *known.values(), *consumed})
     client = redis_client(app, str(app.conf.broker_url))
     try:
-        report.queues = {queue: queue_length(client, queue) for queue in queues}
+        prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+        report.queues = {queue: queue_length(client, prefix, queue) for queue in queues}
         report.dead_letters = dead_letters(app, client, queues)
     except redis.exceptions.RedisError as exc:
         report.fail(EXIT_BROKER_DOWN, f"could not read queue lengths: {exc}")
@@ -249,7 +254,7 @@ def _diagnose(app: Any, timeout: float) -> Report:
         client.close()
 
     if not report.workers:
-        report.fail(EXIT_NO_WORKERS, f"no worker answered within {timeout:g} s")
+        report.fail(EXIT_NO_WORKERS, NO_WORKERS)
         return report
 
     all_worker_tasks = {t for w in report.workers.values() for t in w.tasks}
@@ -282,9 +287,9 @@ def _diagnose(app: Any, timeout: float) -> Report:
 def preflight(app: Any, names: list[str], timeout: float = 1.5) -> None:
     """Fail fast (DoctorError) before sending: broker, credentials, workers, task names."""
     check_backends(app)
-    workers = inspect_workers(app, timeout)
+    workers = online_workers(app, timeout)
     if not workers:
-        raise DoctorError(EXIT_NO_WORKERS, f"no worker answered within {timeout:g} s")
+        raise DoctorError(EXIT_NO_WORKERS, NO_WORKERS)
     known = describe(app)["tasks"]
     all_worker_tasks = {t for w in workers.values() for t in w.tasks}
     for name in names:
@@ -341,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the Celery app (default $FLEET_APP)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for workers")
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for Redis")
     parser.add_argument(
         "--describe", action="store_true", help="print the app's tasks and their queues, as JSON"
     )

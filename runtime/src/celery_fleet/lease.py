@@ -40,7 +40,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from kombu.utils.objects import cached_property
 
-from celery_fleet import clock, transport
+from celery_fleet import clock, registry, transport
 
 logger = logging.getLogger("celery_fleet.lease")
 
@@ -104,7 +104,7 @@ class LeaseKeeper:
         self.app = app
         options = app.conf.broker_transport_options or {}
         self.lease = float(options.get("visibility_timeout", 3600))
-        self.renew_every = max(1.0, min(self.lease / 10, 30.0))
+        self.renew_every = registry.renew_every(self.lease)
         self.fence_after = self.lease * 0.75
         self.consumer: Any = None
         # Tag -> the stamp this worker last wrote for it.
@@ -124,6 +124,12 @@ class LeaseKeeper:
 
     def attach(self, consumer: Any) -> None:
         self.consumer = consumer
+        try:
+            # Before "ready": a client's preflight right after sees this worker.
+            self._announce(self._channel())
+        except Exception as exc:  # the renew loop announces it
+            logger.warning("lease keeper: cannot announce this worker yet (%r)", exc)
+            self._drop_connection()
         if not self._threads:
             for name, target in (("renew", self._renew_loop), ("fence", self._fence_loop)):
                 thread = threading.Thread(target=target, name=f"fleet-lease-{name}", daemon=True)
@@ -132,6 +138,11 @@ class LeaseKeeper:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.consumer is not None and self._connection is not None:
+            try:
+                self._channel().client.hdel(registry.WORKERS_KEY, self.consumer.hostname)
+            except Exception:  # readers drop the entry once it is stale
+                logger.debug("lease keeper: cannot withdraw this worker", exc_info=True)
         self._drop_connection()
 
     # -- the keeper's own Redis connection ---------------------------------------------------
@@ -246,6 +257,23 @@ class LeaseKeeper:
 
         channel.qos.restore_visible(num=None, interval=1)
         self._reclaim_processing(channel)
+        self._announce(channel, now)
+
+    def _announce(self, channel: Any, now: float | None = None) -> None:
+        """Write this worker's registry entry; drop those of workers gone for a lease."""
+        client = channel.client
+        if now is None:
+            now = self._observe_clock(client)
+        client.hset(
+            registry.WORKERS_KEY,
+            self.consumer.hostname,
+            registry.entry(self.app, self.consumer, now),
+        )
+        # HGETALL is not among the commands kombu's client prefixes: name the key in full.
+        entries = registry.read(client, channel.global_keyprefix + registry.WORKERS_KEY)
+        gone = [name for name, e in entries.items() if e.seen < now - self.lease]
+        if gone:
+            client.hdel(registry.WORKERS_KEY, *gone)
 
     def _reclaim_processing(self, channel: Any) -> None:
         """Move back to their queues the messages of processing lists whose owner is gone."""

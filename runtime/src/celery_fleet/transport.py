@@ -19,6 +19,12 @@ open, would keep its processing list to itself forever (found on the lab: a 10 s
 worker left one task unrun until that worker restarted). So the next pop uses a new processing
 list, and the keeper moves the old one's messages back to the queue (``lease.forget_processing``).
 
+No Lua: the fleet's Redis users may not run scripts (``EVALSHA``, ``SCRIPT LOAD``), so the three
+scripts kombu runs are replaced here by transactions: the release of the ``unacked_mutex`` (a
+redis-py ``Lock``), and the refresh and sweep of binding tables for queues that expire (Celery's
+pidbox reply queues and Flower's event queue). Only workers sweep expired leases and binding
+tables: a client or Flower may neither move messages between queues nor delete a table.
+
 ``BLMOVE`` takes one source list, so the channel uses it when it polls one list at a time: one
 queue per worker and kombu's priority steps reduced to one (celery-fleet's configuration does
 both). Otherwise, and for consumers without acknowledgements (replies), it keeps ``BRPOP``.
@@ -30,6 +36,9 @@ import itertools
 import os
 import socket
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import Empty
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +46,10 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from redis.client import Pipeline
+from redis.exceptions import WatchError
 
-from celery_fleet import deadletter
+from celery_fleet import clock, deadletter
 
 PROCESSING_INDEX = "_fleet.processing"
 PROCESSING_PREFIX = "_fleet.processing."
@@ -54,6 +65,9 @@ if TYPE_CHECKING:
         connection_errors: tuple[type[BaseException], ...]
         _in_poll: Any
         _brpop_sent_at: float | None
+        keyprefix_binding_deadlines: str
+
+        def sweep_bindings(self, limit: int = 100) -> int: ...
 
         def _brpop_start(self, timeout: float | None = None) -> None: ...
         def _brpop_read(self, **options: Any) -> bool: ...
@@ -87,6 +101,34 @@ class QoS(kombu_redis.QoS):
                 dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
             ).lrem(processing_key, 1, raw).execute()
         VirtualQoS.append(self, message, delivery_tag)
+
+    def restore_visible(self, start: int = 0, num: int | None = 10, interval: int = 10) -> None:
+        # Workers sweep expired leases (and hold the right to); a client or Flower consumes only
+        # replies and events, which are never leased.
+        if self.channel.atomic_pop:
+            super().restore_visible(start, num, interval)  # type: ignore[arg-type]
+
+
+@contextmanager
+def mutex(client: Any, name: str, expire: float) -> Iterator[None]:
+    """kombu's ``Mutex`` without redis-py's ``Lock``, whose release is a Lua script."""
+    token = uuid.uuid4().hex
+    if not client.set(name, token, nx=True, px=int(expire * 1000)):
+        raise kombu_redis.MutexHeld()
+    try:
+        yield
+    finally:
+        # GET is not among the commands kombu's client prefixes; WATCH and DEL are.
+        full = getattr(client, "global_keyprefix", "") + name
+        with client.pipeline() as pipe:
+            try:
+                pipe.watch(name)
+                if bytes_to_str(pipe.execute_command("GET", full) or b"") == token:
+                    pipe.multi()
+                    pipe.delete(name)
+                    pipe.execute()
+            except WatchError:
+                pass  # expired and taken by another sweeper meanwhile: not ours to release
 
 
 class Channel(_RedisChannel):
@@ -183,6 +225,54 @@ class Channel(_RedisChannel):
             self._in_poll = None
             self._flush_brpop_reauth()
 
+    # -- binding tables of expiring queues, without kombu's scripts ---------------------------
+
+    def _refresh_binding(self, keys: list[str], args: list[Any], client: Any) -> None:
+        """kombu's REFRESH_BINDING: add the member, push the exchange's deadline (ms) out."""
+        table = keys[0]
+        member, exchange, ttl = args
+        # Queued in the caller's transaction (kombu passes one) or in one of its own.
+        pipe = client if isinstance(client, Pipeline) else client.pipeline()
+        # In a pipeline no round trip for TIME: the clock measured last (the keeper's, in workers).
+        now = clock.now() if pipe is client else _server_now(client)
+        pipe.sadd(table, member)
+        pipe.zadd(self.keyprefix_binding_deadlines, {exchange: int(now * 1000) + int(ttl)}, gt=True)
+        if pipe is not client:
+            pipe.execute()
+
+    def sweep_bindings(self, limit: int = 100) -> int:
+        # Workers sweep; a client or Flower only refreshes its own tables (no right to delete).
+        return int(super().sweep_bindings(limit)) if self.atomic_pop else 0
+
+    def _sweep_bindings(self, keys: list[str], args: list[Any], client: Any) -> int:
+        """kombu's SWEEP_BINDINGS: drop binding tables whose deadline passed, unless a queue
+        without x-expires still uses the exchange. One transaction per table."""
+        deadlines = keys[0]
+        table_prefix, permanent_prefix, limit = args
+        now_ms = int(_server_now(client) * 1000)
+        overdue = client.zrange(deadlines, "-inf", now_ms, byscore=True, offset=0, num=int(limit))
+        bare = len(self.global_keyprefix)
+        swept = 0
+        for raw in overdue or []:
+            exchange = bytes_to_str(raw)
+            with client.pipeline() as pipe:
+                try:
+                    # A refresh meanwhile changes the deadlines: the transaction then does nothing.
+                    pipe.watch(deadlines)
+                    score = pipe.execute_command("ZSCORE", self._full_key(deadlines), exchange)
+                    if score is None or float(score) > now_ms:
+                        continue
+                    kept = pipe.execute_command("EXISTS", permanent_prefix + exchange)
+                    pipe.multi()
+                    if not kept:
+                        pipe.delete((table_prefix + exchange)[bare:])
+                    pipe.zrem(deadlines, exchange)
+                    pipe.execute()
+                    swept += 1
+                except WatchError:
+                    continue
+        return swept
+
     def _queue_of(self, processing: str) -> str:
         return processing[len(self._processing_prefix()) :]
 
@@ -202,5 +292,13 @@ def _retire(processing: str | None) -> None:
         lease.forget_processing(processing)
 
 
+def _server_now(client: Any) -> float:
+    sent = time.time()
+    seconds, microseconds = client.time()
+    clock.observe(seconds, microseconds, sent, time.time())
+    return clock.now()
+
+
 def install() -> None:
     kombu_redis.Transport.Channel = Channel
+    kombu_redis.Mutex = mutex
