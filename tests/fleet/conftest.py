@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,62 @@ FLEET_DEFAULTS = yaml.safe_load(
 def fleet_default(name: str) -> object:
     """A value the roles share (roles/fleet), for names the inventory does not set."""
     return FLEET_DEFAULTS[name]
+
+
+# Every key and channel of the lab's application (fleetapp) carries it (fleet_redis_key_prefix).
+KEY_PREFIX = "fleetapp:"
+# Connections that try forbidden commands on purpose (tests/fleet/test_acl.py) carry this name.
+PROBE_CLIENT_NAME = "acl-probe"
+
+
+def redis_admin(*words: str) -> str:
+    """One command as the admin user on redis1 (redis-cli --json); the password goes on stdin."""
+    args = " ".join(shlex.quote(word) for word in words)
+    script = (
+        "read -r REDISCLI_AUTH; export REDISCLI_AUTH; "
+        f"redis-cli --no-auth-warning --json --user admin {args}"
+    )
+    return on("redis1", script, input=secret("redis-admin") + "\n").stdout
+
+
+def acl_log() -> list[dict[str, Any]]:
+    """Redis' own record of refused commands, keys and channels (ACL LOG), newest first."""
+    return list(json.loads(redis_admin("ACL", "LOG", "512") or "[]"))
+
+
+def _unexpected(entry: dict[str, Any]) -> bool:
+    return entry.get("reason") != "auth" and f"name={PROBE_CLIENT_NAME}" not in str(
+        entry.get("client-info", "")
+    )
+
+
+def take_refusals(expected: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The ACL log entries a test caused on purpose (``expected``); fails on any other refusal,
+    then clears the log so the module's check (below) does not count them."""
+    entries = [entry for entry in acl_log() if _unexpected(entry)]
+    other = [entry for entry in entries if not expected(entry)]
+    assert not other, f"Redis refused the fleet's own services: {other}"
+    redis_admin("ACL", "LOG", "RESET")
+    return [entry for entry in entries if expected(entry)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_refused(deployed: subprocess.CompletedProcess[str]) -> Iterator[None]:
+    """No service of the fleet is ever refused by Redis' ACL while a module's tests run.
+
+    The ACL presets were derived from what Celery, kombu, Flower and the runtime send; this is
+    the recording kept as a test, over every test of the suite. Deliberate probes and wrong
+    passwords are left out. (A Redis restart clears the log: refusals before one are not seen.)
+    """
+    redis_admin("ACL", "LOG", "RESET")
+    yield
+    refused = [entry for entry in acl_log() if _unexpected(entry)]
+    if refused:
+        shown = [
+            {k: entry.get(k) for k in ("username", "reason", "object", "context", "count")}
+            for entry in refused
+        ]
+        pytest.fail(f"Redis refused the fleet's own services: {shown}")
 
 
 def secret(name: str) -> str:

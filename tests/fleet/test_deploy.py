@@ -80,6 +80,10 @@ def two_redis_hosts(children):
     children["redis"]["hosts"]["client1"] = children["clients"]["hosts"]["client1"]
 
 
+def client_on_a_worker(children):
+    children["workers"]["hosts"]["client1"] = children["clients"]["hosts"]["client1"]
+
+
 def invalid_address(children):
     children["workers"]["hosts"]["worker2"]["ansible_host"] = "999.1.1.1"
 
@@ -95,10 +99,19 @@ def duplicate_address(children):
         (two_redis_hosts, "exactly one host in group 'redis' (it has 2"),
         (no_workers, "no host in group 'workers'"),
         (redis_on_a_worker, "redis1 is in both 'redis' and 'workers'"),
+        (client_on_a_worker, "client1 belong to more than one of 'workers', 'clients'"),
         (invalid_address, "worker2 has no valid IPv4 fleet_private_address (999.1.1.1)"),
         (duplicate_address, "client1 and worker1 share the address 198.18.0.11"),
     ],
-    ids=["no-redis", "two-redis", "no-workers", "redis-and-worker", "bad-ip", "same-ip"],
+    ids=[
+        "no-redis",
+        "two-redis",
+        "no-workers",
+        "redis-and-worker",
+        "two-tiers",
+        "bad-ip",
+        "same-ip",
+    ],
 )
 def test_preflight_refuses_a_bad_inventory_before_touching_any_host(tmp_path, edit, message):
     result = playbook("site.yml", "-i", bad_inventory(tmp_path, edit))
@@ -187,6 +200,13 @@ def test_preflight_refuses_a_redis_without_durable_persistence(setting):
         result.stdout.split()
     ), result.stdout[-4000:]
     assert "PLAY [Redis broker" not in result.stdout
+
+
+def test_a_key_prefix_an_acl_pattern_cannot_hold_is_refused_before_any_change():
+    result = playbook("site.yml", "-e", "fleet_redis_key_prefix=app*")
+    assert result.returncode != 0
+    assert 'fleet_redis_key_prefix "app*" may hold only letters' in " ".join(result.stdout.split())
+    assert all(counts["changed"] == 0 for counts in recap(result).values())
 
 
 def test_preflight_refuses_a_weak_secret_without_showing_it():

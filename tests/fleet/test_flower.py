@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import urllib.error
 import urllib.request
 
 import pytest
+import requests
 
-from tests.fleet.conftest import FLEET_DEFAULTS, sandbox_exposure
+from tests.conftest import on
+from tests.fleet.conftest import FLEET_DEFAULTS, KEY_PREFIX, sandbox_exposure, take_refusals
 
 testinfra_hosts = ["ansible://monitor"]
 
@@ -30,6 +33,9 @@ def variable(host, name: str) -> str:
     if value is None or "{{" in str(value):
         value = host.ansible("debug", f"var={name}", check=False)[name]
     return str(value)
+
+
+WEBFARM = "http://198.18.0.1:8080"
 
 
 def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
@@ -131,3 +137,71 @@ def test_metrics_for_prometheus(base_url):
 
 def test_systemd_rates_the_flower_sandbox_ok(host):
     assert sandbox_exposure(host, "flower.service") <= 2.5
+
+
+def reaches_flower(source: str, address: str) -> bool:
+    """Whether a TCP connection from a lab machine to Flower's port is accepted within 3 s."""
+    probe = f"timeout 3 bash -c '</dev/tcp/{address}/{PORT}'"
+    return on(source, probe, check=False).returncode == 0
+
+
+def test_only_the_allowed_networks_reach_flower(host):
+    """fleet_flower_allowed_networks (the lab host) and the monitor itself; no fleet host."""
+    address = variable(host, "fleet_private_address")
+    assert reaches_flower("monitor1", address)
+    for source in ("client1", "worker1", "redis1"):
+        assert not reaches_flower(source, address), f"{source} reaches Flower"
+    ruleset = host.run("nft list table inet celery_fleet_flower").stdout
+    assert f"tcp dport != {PORT} accept" in ruleset and "198.18.0.1" in ruleset
+
+
+def worker_pids() -> list[str]:
+    units = ("celery-worker@network", "celery-worker@default")
+    return [
+        on(name, f"systemctl show -p MainPID --value {unit}").stdout.strip()
+        for name in ("worker1", "worker2")
+        for unit in units
+    ]
+
+
+def test_the_api_runs_nothing_without_the_right_credentials(base_url, credentials):
+    """Publishing a task or shutting a worker down through Flower's API: refused without the
+    password (401); with it, Flower's Redis user may not publish tasks and the workers do not
+    obey shutdown (fleet_worker_control_commands). The webfarm's ledger shows nothing ran."""
+    run = f"flowerapi{int(time.time())}"
+    requests.delete(f"{WEBFARM}/ledger/{run}", timeout=10)
+    task = {"args": [f"{WEBFARM}/delay/0?ledger={run}.1"]}
+    pids = worker_pids()
+    user, password = credentials
+    for auth in (None, (user, password + "x"), ("intruder", password)):
+        apply = requests.post(
+            f"{base_url}/api/task/async-apply/fleetapp.fetch_url", json=task, auth=auth, timeout=10
+        )
+        shutdown = requests.post(
+            f"{base_url}/api/worker/shutdown/network@worker1", auth=auth, timeout=10
+        )
+        assert (apply.status_code, shutdown.status_code) == (401, 401), auth and auth[0]
+    apply = requests.post(
+        f"{base_url}/api/task/async-apply/fleetapp.fetch_url",
+        json=task,
+        auth=credentials,
+        timeout=10,
+    )
+    assert apply.status_code >= 500, apply.text[:300]
+    shutdown = requests.post(
+        f"{base_url}/api/worker/shutdown/network@worker1", auth=credentials, timeout=10
+    )
+    assert shutdown.status_code == 200, shutdown.text[:300]
+    time.sleep(5)
+    executed = requests.get(f"{WEBFARM}/ledger/{run}", timeout=10).json()["executions"]
+    assert executed == {}, executed
+    assert worker_pids() == pids
+    # Redis' own record of the refused publish, under Flower's user.
+    refused = take_refusals(
+        # The publish, and the subscription to its result that Celery makes for the sender.
+        lambda e: (
+            e.get("username") == "flower"
+            and e.get("object") in ("lpush", f"{KEY_PREFIX}network", "subscribe")
+        )
+    )
+    assert any(e["object"] != "subscribe" for e in refused), "no refused publish in the ACL log"

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from tests.fleet.conftest import FLEET_DEFAULTS
+from tests.fleet.conftest import FLEET_DEFAULTS, KEY_PREFIX, take_refusals
 
 testinfra_hosts = ["ansible://redis"]
 
@@ -22,61 +22,93 @@ SERVICE = "redis-server"
 ACL_FILE = "/etc/redis/users.acl"
 NFT_TABLE = "celery_fleet_redis"
 
-# Commands the Celery app user must be refused (checked with ACL DRYRUN, so a
-# broken ACL cannot flush or shut down the lab broker while testing).
-APP_FORBIDDEN = [
+P = KEY_PREFIX
+# Checked with ACL DRYRUN, so a broken ACL cannot flush or shut down the lab broker while
+# testing; tests/fleet/test_acl.py tries the tiers' forbidden actions for real from their hosts.
+NOBODY_BUT_ADMIN = [
     "CONFIG GET maxmemory",
     "CONFIG SET maxmemory 1",
     "FLUSHALL",
     "FLUSHDB",
     "DEBUG SLEEP 0",
     "KEYS *",
+    "SCAN 0",
     "SHUTDOWN",
     "ACL LIST",
     "MONITOR",
+    "INFO",
+    "CLIENT KILL ID 1",
     "SCRIPT FLUSH",
+    "EVAL return 0",
+    "LPUSH otherapp:celery x",
 ]
-# What kombu's Redis transport and Celery's result backend send (kombu 5.7).
-APP_ALLOWED = [
-    "LPUSH celery x",
-    "BRPOP celery 1",
-    "RPOP celery",
-    "LLEN celery",
-    "SADD _kombu.binding.celery x",
-    "SMEMBERS _kombu.binding.celery",
-    "ZADD unacked_index 1 tag",
-    "HSET unacked tag x",
-    "SET unacked_mutex x NX PX 1000",
-    "PUBLISH /0.celeryev x",
-    "PSUBSCRIBE /0.celeryev/*",
-    "EVALSHA 0000000000000000000000000000000000000000 0",
-    "SCRIPT LOAD return",
-    "SETEX celery-task-meta-x 60 y",
-    "MGET celery-task-meta-x",
-    "INCR chord-unlock-x",
-    "PEXPIRE celery 1000",
-    "MULTI",
-    "PING",
-]
-FLOWER_FORBIDDEN = [
-    "CONFIG GET maxmemory",
-    "FLUSHALL",
-    "SET celery-task-meta-x forged",
-    "DEL celery",
-    "HSET unacked tag x",
-    "KEYS *",
-]
-FLOWER_ALLOWED = [
-    "LLEN celery",
-    "GET celery-task-meta-x",
-    "SADD _kombu.binding.reply.celery.pidbox x",
-    "BRPOP abc.reply.celery.pidbox 1",
-    "DEL abc.reply.celery.pidbox",
-    "PUBLISH /0.celery.pidbox x",
-    "PSUBSCRIBE /0.celeryev/*",
-    "SET unacked_mutex x NX PX 1000",
-    "LPUSH celery x",
-]
+# What each tier's user must be able to do, with the application's prefix (kombu 5.7, Celery 5.7).
+ALLOWED = {
+    "worker": [
+        f"BLMOVE {P}network {P}_fleet.processing.h.1.1.0.network RIGHT LEFT 1",
+        f"BRPOP {P}network 1",
+        f"LPUSH {P}network x",
+        f"LREM {P}_fleet.processing.h.1.1.0.network 1 x",
+        f"ZADD {P}unacked_index 1 tag",
+        f"HSET {P}unacked tag x",
+        f"HGETALL {P}_fleet.processing",
+        f"SET {P}unacked_mutex x NX PX 1000",
+        f"SETEX {P}celery-task-meta-x 60 y",
+        f"PUBLISH {P}celery-task-meta-x y",
+        f"PUBLISH {P}/0.celeryev/task.succeeded x",
+        f"PSUBSCRIBE {P}/0.celery.pidbox",
+        f"PSUBSCRIBE {P}/0.celeryev/worker.*",
+        f"INCR {P}_fleet.starts.x",
+        "EVALSHA 0000000000000000000000000000000000000000 0",
+        "MULTI",
+        "TIME",
+    ],
+    "client": [
+        f"LPUSH {P}network x",
+        f"LPUSH {P}default x",
+        f"SADD {P}_kombu.binding.network x",
+        f"GET {P}celery-task-meta-x",
+        f"DEL {P}celery-task-meta-x",
+        f"SUBSCRIBE {P}celery-task-meta-x",
+        f"PUBLISH {P}/0.celeryev/task.sent x",
+        f"HGETALL {P}_fleet.workers",
+        f"SET {P}celery-taskset-meta-x.s 3",
+        "TIME",
+    ],
+    "flower": [
+        f"LLEN {P}network",
+        f"GET {P}celery-task-meta-x",
+        f"SADD {P}_kombu.binding.reply.celery.pidbox x",
+        f"BRPOP {P}abc.reply.celery.pidbox 1",
+        f"DEL {P}abc.reply.celery.pidbox",
+        f"PUBLISH {P}/0.celery.pidbox x",
+        f"PSUBSCRIBE {P}/0.celeryev/*",
+        f"ZADD {P}_kombu.binding_deadlines 1 celeryev",
+    ],
+}
+FORBIDDEN = {
+    "worker": ["PSUBSCRIBE *", "EVAL return 0", "GET otherapp:x"],
+    "client": [
+        f"DEL {P}network",
+        f"DEL {P}unacked",
+        f"BRPOP {P}network 1",
+        f"SET {P}celery-task-meta-x forged",
+        f"PUBLISH {P}celery-task-meta-x forged",
+        f"PUBLISH {P}/0.celery.pidbox x",
+        f"PSUBSCRIBE {P}celery-task-meta-*",
+        f"LPUSH {P}unacked x",
+        "EVALSHA 0000000000000000000000000000000000000000 0",
+    ],
+    "flower": [
+        f"DEL {P}unacked",
+        f"HSET {P}unacked tag x",
+        f"LPUSH {P}network x",
+        f"SET {P}celery-task-meta-x forged",
+        f"DEL {P}network",
+        "EVALSHA 0000000000000000000000000000000000000000 0",
+    ],
+}
+TIERS = ("worker", "client", "flower")
 
 
 def _resolve(host, name):
@@ -132,7 +164,7 @@ def users(host):
             _resolve(host, f"fleet_redis_{role}_user"),
             _resolve(host, f"fleet_redis_{role}_password"),
         )
-        for role in ("admin", "app", "flower")
+        for role in ("admin", *TIERS)
     }
 
 
@@ -233,41 +265,32 @@ def test_ping_without_auth_is_refused(cli):
     assert "NOAUTH" in result.stdout + result.stderr, result.stdout
 
 
-@pytest.mark.parametrize("role", ["admin", "app", "flower"])
+@pytest.mark.parametrize("role", ["admin", *TIERS])
 def test_ping_as_user(cli, role):
     assert cli(role, "PING").stdout.strip() == "PONG"
 
 
-@pytest.mark.parametrize("command", ["CONFIG GET maxmemory", "FLUSHALL", "DEBUG SLEEP 0"])
-def test_app_user_gets_noperm(admin, users, command):
-    """The brief's three commands, checked without risking the broker's data."""
-    result = admin("ACL", "DRYRUN", users["app"][0], *command.split())
-    assert "no permissions" in result, result
+@pytest.mark.parametrize("role", TIERS)
+def test_no_tier_may_run_admin_commands_or_touch_another_app(admin, users, role):
+    for command in NOBODY_BUT_ADMIN:
+        result = admin("ACL", "DRYRUN", users[role][0], *command.split())
+        assert "no permissions" in result, (role, command, result)
 
 
-def test_app_user_config_get_noperm_live(cli):
-    result = cli("app", "CONFIG", "GET", "maxmemory")
+def test_config_get_is_refused_live(cli):
+    result = cli("client", "CONFIG", "GET", "maxmemory")
     assert result.stdout.startswith("NOPERM"), result.stdout
+    assert take_refusals(lambda e: e.get("username") == "client" and "config" in e["object"])
 
 
-@pytest.mark.parametrize("command", APP_FORBIDDEN)
-def test_app_user_forbidden(admin, users, command):
-    assert "no permissions" in admin("ACL", "DRYRUN", users["app"][0], *command.split())
+@pytest.mark.parametrize(("role", "command"), [(r, c) for r in TIERS for c in ALLOWED[r]])
+def test_tier_may(admin, users, role, command):
+    assert admin("ACL", "DRYRUN", users[role][0], *command.split()) == "OK"
 
 
-@pytest.mark.parametrize("command", APP_ALLOWED)
-def test_app_user_allowed(admin, users, command):
-    assert admin("ACL", "DRYRUN", users["app"][0], *command.split()) == "OK"
-
-
-@pytest.mark.parametrize("command", FLOWER_FORBIDDEN)
-def test_flower_user_forbidden(admin, users, command):
-    assert "no permissions" in admin("ACL", "DRYRUN", users["flower"][0], *command.split())
-
-
-@pytest.mark.parametrize("command", FLOWER_ALLOWED)
-def test_flower_user_allowed(admin, users, command):
-    assert admin("ACL", "DRYRUN", users["flower"][0], *command.split()) == "OK"
+@pytest.mark.parametrize(("role", "command"), [(r, c) for r in TIERS for c in FORBIDDEN[r]])
+def test_tier_may_not(admin, users, role, command):
+    assert "no permissions" in admin("ACL", "DRYRUN", users[role][0], *command.split())
 
 
 @pytest.fixture(scope="module")

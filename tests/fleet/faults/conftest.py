@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO, on
-from tests.fleet.conftest import secret
+from tests.fleet.conftest import KEY_PREFIX, secret
 from tests.fleet.faults.ledger import Report, report
 
 WEBFARM = "http://198.18.0.1:8080"
@@ -58,8 +58,10 @@ def redis_cli(*commands: str) -> list[str]:
 def redis_holds() -> int:
     """Messages Redis holds: queued in either queue, delivered and not acknowledged, or in a
     worker's processing list (celery_fleet.transport) on their way to either."""
-    lists = redis_cli("HKEYS _fleet.processing")
-    counts = ["LLEN network", "LLEN default", "HLEN unacked", *(f"LLEN {key}" for key in lists)]
+    p = KEY_PREFIX
+    lists = redis_cli(f"HKEYS {p}_fleet.processing")
+    counts = [f"LLEN {p}network", f"LLEN {p}default", f"HLEN {p}unacked"]
+    counts += [f"LLEN {p}{key}" for key in lists]
     return sum(int(n) for n in redis_cli(*counts))
 
 

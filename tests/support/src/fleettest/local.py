@@ -57,14 +57,21 @@ class RedisServer:
                 self.proc.wait(5)
 
 
-def start_redis(workdir: Path, username: str = USERNAME, password: str = PASSWORD) -> RedisServer:
+def start_redis(
+    workdir: Path,
+    username: str = USERNAME,
+    password: str = PASSWORD,
+    users: dict[str, str] | None = None,
+) -> RedisServer:
+    """``users``: more ACL users, {name: rules}, each with ``password`` (fleettest.acl)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = workdir / "redis.conf"
+    more = "".join(f"user {name} on >{password} {rule}\n" for name, rule in (users or {}).items())
     # No unauthenticated access: the default user is off, only "fleet" with a password exists.
     conf.write_text(
         f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\ndir {workdir}\n'
-        f"databases 16\nuser default off\nuser {username} on >{password} ~* &* +@all\n"
+        f"databases 16\nuser default off\nuser {username} on >{password} ~* &* +@all\n{more}"
     )
     proc = subprocess.Popen(
         [REDIS_SERVER, str(conf)],

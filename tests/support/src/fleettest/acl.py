@@ -1,0 +1,50 @@
+"""The redis role's ACL presets, rendered as Ansible renders them, for a local redis-server.
+
+So the local harness runs the sample app under the very rules the fleet deploys
+(roles/redis/defaults/main.yml), not under an all-powerful user.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+DEFAULTS = Path(__file__).resolve().parents[4] / "roles" / "redis" / "defaults" / "main.yml"
+PRESETS = {
+    "worker": "redis_acl_rules_celery_worker",
+    "client": "redis_acl_rules_celery_client",
+    "flower": "redis_acl_rules_flower",
+}
+
+
+def _bool(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def rules(prefix: str, queues: list[str], *, chords: bool = True, db: int = 0) -> dict[str, str]:
+    """{tier: ACL rules} for an application with this key prefix and these queues."""
+    defaults = yaml.safe_load(DEFAULTS.read_text(encoding="utf-8"))
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env.filters["bool"] = _bool
+    env.filters["regex_replace"] = lambda value, pattern, replacement: re.sub(
+        pattern, replacement, value
+    )
+    context: dict[str, Any] = {
+        "redis_acl_key_prefix": prefix,
+        "redis_acl_db": db,
+        "redis_acl_client_queues": queues,
+        "redis_acl_celery_chords": chords,
+        "_redis_acl_fanout": f"{prefix}/{db}.",
+    }
+
+    def render(value: Any) -> Any:
+        if isinstance(value, str):
+            return env.from_string(value).render(**context)
+        return [render(item) for item in value]
+
+    context["redis_acl_rules_connection"] = render(defaults["redis_acl_rules_connection"])
+    return {tier: " ".join(render(defaults[name])) for tier, name in PRESETS.items()}
