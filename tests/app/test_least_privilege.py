@@ -103,6 +103,25 @@ def test_the_sample_app_needs_nothing_its_users_lack(
     )
     grouped = run([str(BIN / "fleet-python"), "-c", code], env=client, timeout=60)
     assert grouped.stdout.strip() == "[0, 2, 4, 6]", grouped.stderr[-2000:]
+    # A fetch that times out revokes what is left (a broadcast the workers obey).
+    late = run_cli(client, "fetch", "--json", "--timeout", "1", f"{webfarm.url}/delay/4")
+    assert late.returncode not in (4, 5), late.stdout + late.stderr
+    assert refusals(admin) == []
+
+
+def test_an_app_with_its_own_transport_options_keeps_the_prefix(
+    acl_redis: RedisServer, admin: redis.Redis, workers: list[Worker], empty_env_file: Path
+) -> None:
+    """Celery does not merge the fleet's defaults into a dict the app sets itself."""
+    code = (
+        "from fleetapp.celery import app; "
+        "app.conf.update(broker_transport_options={'visibility_timeout': 60},"
+        " result_backend_transport_options={}); "
+        "print(app.send_task('fleetapp.add', (20, 22)).get(timeout=30))"
+    )
+    client = tier_env(acl_redis, empty_env_file, "client")
+    added = run([str(BIN / "fleet-python"), "-c", code], env=client, timeout=60)
+    assert added.stdout.strip() == "42", added.stderr[-2000:]
     assert refusals(admin) == []
 
 
@@ -119,5 +138,5 @@ def test_workers_announce_themselves_where_a_client_may_read(
     client = redis.Redis(port=acl_redis.port, username="client", password=PASSWORD)
     assert client.hgetall(f"{PREFIX}_fleet.workers")
     with pytest.raises(redis.exceptions.NoPermissionError):
-        client.publish(f"{PREFIX}/0.celery.pidbox", "shutdown")
+        client.delete(f"{PREFIX}network")
     admin.acl_log_reset()

@@ -2,7 +2,8 @@
 
 Each host runs a probe with the credentials of its own env file (the ones its services use) and
 tries what its tier must not do: delete a queue or ``unacked``, steal a task, forge a result,
-read every result, broadcast ``shutdown``, run Lua, touch another application's keys. Redis must
+read every result, run Lua, touch another application's keys. A ``shutdown`` broadcast reaches
+the workers, which refuse it (fleet_worker_control_commands). Redis must
 answer NOPERM, and its own ACL log must record each refusal under that host's user: the client
 cannot pretend. The probe names its connections ``acl-probe``, so the session's check that
 nothing else was ever refused (tests/fleet/conftest.py) leaves these out.
@@ -79,7 +80,6 @@ FORBIDDEN = {
     "client1": ANY_TIER_FORBIDDEN
     + CLIENT_AND_FLOWER_FORBIDDEN
     + [
-        ["PUBLISH", f"{FANOUT}celery.pidbox", "acl-probe"],  # broadcast to the workers
         ["PUBLISH", f"{FANOUT}celeryev/task.succeeded", "forged"],  # forge events
         ["LPUSH", f"{P}_fleet.processing.acl-probe", "acl-probe"],  # not a queue
     ],
@@ -161,18 +161,19 @@ import sys
 from celery import Celery
 app = Celery(set_as_current=False)  # CELERY_BROKER_URL and FLEET_* from the environment
 try:
-    replies = app.control.broadcast(sys.argv[1], reply=True, timeout=5)
+    replies = app.control.broadcast(sys.argv[1], reply=sys.argv[2] == "reply", timeout=5)
     print(json.dumps({"replies": replies}))
 except Exception as exc:
     print(json.dumps({"raised": f"{type(exc).__name__}: {exc}"}))
 """
 
 
-def broadcast(host: str, command: str) -> dict[str, Any]:
+def broadcast(host: str, command: str, reply: bool = True) -> dict[str, Any]:
     # fleet-python gives the runtime and the host's settings (the key prefix, the credentials).
     script = (
         "set -a; . /etc/celery-fleet/app.env; set +a; "
         f"/opt/celery-fleet/venv/bin/fleet-python -c {shlex.quote(CELERY_BROADCAST)} {command}"
+        f" {'reply' if reply else 'no-reply'}"
     )
     result = on(host, script, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -187,12 +188,36 @@ def main_pids() -> dict[str, str]:
     }
 
 
-def test_a_client_cannot_broadcast_shutdown_to_the_workers():
+def worker_journal(host: str) -> str:
+    return on(host, "journalctl -u celery-worker@network -n 80 --no-pager").stdout
+
+
+def test_a_clients_shutdown_broadcast_is_refused_by_every_worker():
+    """Clients may broadcast (revoking a task is a broadcast); the workers obey only the
+    control commands in fleet_worker_control_commands, so shutdown stops nobody."""
     before = main_pids()
-    answer = broadcast("client1", "shutdown")
-    assert "NoPermission" in answer.get("raised", ""), answer
+    marks = {
+        host: worker_journal(host).count("refused control command 'shutdown'")
+        for host in ("worker1", "worker2")
+    }
+    answer = broadcast("client1", "shutdown", reply=False)
+    assert "raised" not in answer, answer
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        counts = {h: worker_journal(h).count("refused control command 'shutdown'") for h in marks}
+        if all(counts[h] > marks[h] for h in marks):
+            break
+        time.sleep(0.5)
+    assert all(counts[h] > marks[h] for h in marks), counts
     time.sleep(2)
     assert main_pids() == before
+
+
+def test_a_client_cannot_read_the_workers_answers():
+    """inspect needs a reply queue; the client's user may not declare one (no task args of
+    other clients through `inspect active`)."""
+    answer = broadcast("client1", "ping")
+    assert "NoPermission" in answer.get("raised", ""), answer
     assert take_refusals(lambda entry: entry.get("username") == "client")
 
 

@@ -73,6 +73,7 @@ ALLOWED = {
         f"PUBLISH {P}/0.celeryev/task.sent x",
         f"HGETALL {P}_fleet.workers",
         f"SET {P}celery-taskset-meta-x.s 3",
+        f"PUBLISH {P}/0.celery.pidbox x",
         "TIME",
     ],
     "flower": [
@@ -94,8 +95,10 @@ FORBIDDEN = {
         f"BRPOP {P}network 1",
         f"SET {P}celery-task-meta-x forged",
         f"PUBLISH {P}celery-task-meta-x forged",
-        f"PUBLISH {P}/0.celery.pidbox x",
         f"PSUBSCRIBE {P}celery-task-meta-*",
+        f"SET {P}celery-taskset-meta-x.c done",
+        f"DEL {P}celery-taskset-meta-x.j",
+        f"SADD {P}_kombu.binding.unacked x",
         f"LPUSH {P}unacked x",
         "EVALSHA 0000000000000000000000000000000000000000 0",
     ],
@@ -105,6 +108,7 @@ FORBIDDEN = {
         f"LPUSH {P}network x",
         f"SET {P}celery-task-meta-x forged",
         f"DEL {P}network",
+        f"SREM {P}_kombu.binding.network x",
         "EVALSHA 0000000000000000000000000000000000000000 0",
     ],
 }

@@ -37,7 +37,8 @@ SOCKET_CONNECT_TIMEOUT = 5.0
 HEALTH_CHECK_INTERVAL = 10
 DEFAULT_MAX_TASK_STARTS = 5
 # The prefix becomes part of Redis ACL key and channel patterns: no glob characters, no spaces.
-_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# It ends in a separator: Celery adds "_" to its result keys' prefix otherwise, kombu does not.
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{0,63}[:_.-]")
 
 
 class ConfigError(ValueError):
@@ -94,7 +95,7 @@ def key_prefix(environ: Mapping[str, str] | None = None) -> str:
     if prefix and not _KEY_PREFIX.fullmatch(prefix):
         raise ConfigError(
             f"FLEET_REDIS_KEY_PREFIX: {prefix!r} may hold only letters, digits and _ . : - "
-            "(at most 64)"
+            "(at most 64) and must end in one of : _ . -"
         )
     return prefix
 
@@ -218,3 +219,24 @@ def install() -> None:
 
     Celery.__init__ = __init__  # type: ignore[method-assign]
     Celery._fleet_installed = True  # type: ignore[attr-defined]
+    _keep_result_key_prefix()
+
+
+def _keep_result_key_prefix() -> None:
+    """Results keep the deployment's key prefix when the app sets its own
+    result_backend_transport_options without one (its dict replaces the fleet's)."""
+    from celery.backends import base
+
+    # The stubs describe neither this private method nor the backend's app.
+    backend: Any = base.BaseKeyValueStoreBackend
+    original = backend._add_global_keyprefix
+
+    def _add_global_keyprefix(self: Any) -> None:
+        options = dict(self.app.conf.get("result_backend_transport_options") or {})
+        prefix = key_prefix()
+        if prefix and not options.get("global_keyprefix"):
+            options["global_keyprefix"] = prefix
+            self.app.conf.result_backend_transport_options = options
+        original(self)
+
+    backend._add_global_keyprefix = _add_global_keyprefix

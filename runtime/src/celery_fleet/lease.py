@@ -138,6 +138,10 @@ class LeaseKeeper:
 
     def stop(self) -> None:
         self._stopping.set()
+        # A tick still running would announce this worker again after the withdrawal below.
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=self.renew_every)
         if self.consumer is not None and self._connection is not None:
             try:
                 self._channel().client.hdel(registry.WORKERS_KEY, self.consumer.hostname)
@@ -228,6 +232,8 @@ class LeaseKeeper:
         index, unacked = channel.unacked_index_key, channel.unacked_key
         now = self._observe_clock(client)
         self._mark_alive(client)
+        # First: a tick that fails further on must not make this worker look gone.
+        self._announce(channel, now)
 
         acks = list(_deferred_acks)
         if acks:
@@ -257,7 +263,6 @@ class LeaseKeeper:
 
         channel.qos.restore_visible(num=None, interval=1)
         self._reclaim_processing(channel)
-        self._announce(channel, now)
 
     def _announce(self, channel: Any, now: float | None = None) -> None:
         """Write this worker's registry entry; drop those of workers gone for a lease."""

@@ -18,8 +18,10 @@ from typing import Any
 from kombu.utils.encoding import bytes_to_str
 
 WORKERS_KEY = "_fleet.workers"
-# An entry is fresh while its worker missed fewer than this many renewals.
+# An entry is fresh while its worker missed fewer than this many renewals, and in any case
+# for as long as the worker keeps its leases without renewing them (it fences after 3/4 lease).
 FRESH_RENEWALS = 3
+FRESH_LEASE_SHARE = 0.75
 
 
 def renew_every(lease: float) -> float:
@@ -60,5 +62,5 @@ def read(client: Any, key: str) -> dict[str, Entry]:
 
 def fresh(entries: dict[str, Entry], now: float, lease: float) -> dict[str, Entry]:
     """The entries of workers that renewed recently."""
-    horizon = now - FRESH_RENEWALS * renew_every(lease)
+    horizon = now - max(FRESH_RENEWALS * renew_every(lease), FRESH_LEASE_SHARE * lease)
     return {name: e for name, e in sorted(entries.items()) if e.seen >= horizon}

@@ -19,7 +19,8 @@ open, would keep its processing list to itself forever (found on the lab: a 10 s
 worker left one task unrun until that worker restarted). So the next pop uses a new processing
 list, and the keeper moves the old one's messages back to the queue (``lease.forget_processing``).
 
-No Lua: the fleet's Redis users may not run scripts (``EVALSHA``, ``SCRIPT LOAD``), so the three
+No Lua from kombu: the clients' and Flower's Redis users may not run scripts (the workers' may,
+only for Celery's chords), so the three
 scripts kombu runs are replaced here by transactions: the release of the ``unacked_mutex`` (a
 redis-py ``Lock``), and the refresh and sweep of binding tables for queues that expire (Celery's
 pidbox reply queues and Flower's event queue). Only workers sweep expired leases and binding
@@ -49,7 +50,7 @@ from kombu.utils.json import dumps, loads
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 
-from celery_fleet import clock, deadletter
+from celery_fleet import clock, config, deadletter
 
 PROCESSING_INDEX = "_fleet.processing"
 PROCESSING_PREFIX = "_fleet.processing."
@@ -144,6 +145,13 @@ class Channel(_RedisChannel):
         # Bumped when a BLMOVE went unanswered: the next pop moves into a new processing list.
         self._fleet_epoch = 0
         self._fleet_unanswered = False
+        # An app that sets broker_transport_options itself replaces the fleet's whole dict
+        # (Celery's defaults are merged setting by setting): the fleet's options (key prefix,
+        # lease, timeouts, one priority step) fill in what the app's dict leaves out.
+        connection = args[0] if args else kwargs["connection"]
+        options = connection.client.transport_options
+        for name, value in config.fleet_settings()["broker_transport_options"].items():
+            options.setdefault(name, value)
         super().__init__(*args, **kwargs)
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
@@ -257,8 +265,13 @@ class Channel(_RedisChannel):
             exchange = bytes_to_str(raw)
             with client.pipeline() as pipe:
                 try:
-                    # A refresh meanwhile changes the deadlines: the transaction then does nothing.
-                    pipe.watch(deadlines)
+                    # A refresh or a bind meanwhile changes one of these: the transaction then
+                    # does nothing (WATCH is among the commands kombu's client prefixes).
+                    pipe.watch(
+                        deadlines,
+                        (table_prefix + exchange)[bare:],
+                        (permanent_prefix + exchange)[bare:],
+                    )
                     score = pipe.execute_command("ZSCORE", self._full_key(deadlines), exchange)
                     if score is None or float(score) > now_ms:
                         continue

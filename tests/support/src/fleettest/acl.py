@@ -12,8 +12,11 @@ from typing import Any
 
 import jinja2
 import yaml
+from jinja2.nativetypes import NativeEnvironment
 
-DEFAULTS = Path(__file__).resolve().parents[4] / "roles" / "redis" / "defaults" / "main.yml"
+ROLE = Path(__file__).resolve().parents[4] / "roles" / "redis"
+DEFAULTS = ROLE / "defaults" / "main.yml"
+VARS = ROLE / "vars" / "main.yml"
 PRESETS = {
     "worker": "redis_acl_rules_celery_worker",
     "client": "redis_acl_rules_celery_client",
@@ -26,24 +29,38 @@ def _bool(value: Any) -> bool:
 
 
 def rules(prefix: str, queues: list[str], *, chords: bool = True, db: int = 0) -> dict[str, str]:
-    """{tier: ACL rules} for an application with this key prefix and these queues."""
+    """{tier: ACL rules} for an application with this key prefix and these queues.
+
+    The role's internal values (vars/main.yml) are rendered too, with native types as Ansible
+    renders them.
+    """
     defaults = yaml.safe_load(DEFAULTS.read_text(encoding="utf-8"))
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    env.filters["bool"] = _bool
-    env.filters["regex_replace"] = lambda value, pattern, replacement: re.sub(
-        pattern, replacement, value
-    )
+    role_vars = yaml.safe_load(VARS.read_text(encoding="utf-8"))
+    filters = {
+        "bool": _bool,
+        "regex_replace": lambda value, pattern, replacement: re.sub(pattern, replacement, value),
+    }
+    text = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    native = NativeEnvironment(undefined=jinja2.StrictUndefined)
+    text.filters.update(filters)
+    native.filters.update(filters)
     context: dict[str, Any] = {
         "redis_acl_key_prefix": prefix,
         "redis_acl_db": db,
         "redis_acl_client_queues": queues,
         "redis_acl_celery_chords": chords,
-        "_redis_acl_fanout": f"{prefix}/{db}.",
     }
+    for name in (
+        "_redis_acl_fanout",
+        "_redis_acl_client_queues",
+        "_redis_acl_client_queue_keys",
+        "_redis_acl_client_binding_keys",
+    ):
+        context[name] = native.from_string(role_vars[name]).render(**context)
 
     def render(value: Any) -> Any:
         if isinstance(value, str):
-            return env.from_string(value).render(**context)
+            return text.from_string(value).render(**context)
         return [render(item) for item in value]
 
     context["redis_acl_rules_connection"] = render(defaults["redis_acl_rules_connection"])
