@@ -27,4 +27,12 @@ def test_a_worker_cut_off_from_redis_still_stops_cleanly():
         assert on("worker2", f"systemctl show -p Result --value {unit}").stdout.strip() == "success"
     finally:
         on("worker2", f"ip route del blackhole {redis}/32")
+        since = on("worker2", "date +%s").stdout.strip()
         on("worker2", f"systemctl start {unit}")
+        # Leave the fleet as found: the next tests fan out at once, and a worker still starting
+        # would take none of it.
+        ready = f"journalctl -u {unit} --since @{since} --no-pager | grep -q ' ready\\.'"
+        deadline = time.monotonic() + 60
+        while on("worker2", ready, check=False).returncode != 0:
+            assert time.monotonic() < deadline, f"{unit} on worker2 not ready within 60 s"
+            time.sleep(0.5)
