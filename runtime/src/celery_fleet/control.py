@@ -1,7 +1,7 @@
 """Which remote-control commands a worker obeys.
 
 Celery sends every control and inspect command on one broadcast channel (the pidbox), so Redis'
-ACL can say who may broadcast (Flower and the operators, not the clients) but not what. The
+ACL can say who may broadcast (workers, Flower and clients, which revoke tasks) but not what. The
 worker decides: it answers every ``inspect`` command and obeys only the ``control`` commands
 named in ``FLEET_WORKER_CONTROL_COMMANDS`` (comma-separated); any other (``shutdown``,
 ``pool_restart``, ``rate_limit``, ...) is refused with a reply that says so and a warning in its

@@ -1,7 +1,8 @@
 """Who serves the application: each worker's queues and registered tasks, kept in Redis.
 
 ``celery inspect`` asks the workers over the pidbox, a broadcast channel that carries
-``shutdown`` as well; the clients' Redis user may not publish to it (least privilege). So each
+``shutdown`` as well, and reads the answers from reply queues the clients' Redis user may not
+declare (least privilege: no task arguments of other clients through ``inspect active``). So each
 worker's lease keeper writes what ``inspect registered`` and ``inspect active_queues`` would
 answer into the hash ``_fleet.workers`` (field: the worker's node name; value: JSON stamped with
 the Redis server's clock) when its consumer starts and at every renewal, and removes it when the
