@@ -82,3 +82,57 @@ def test_a_pop_whose_answer_was_lost_is_moved_back_to_its_queue(redis_server):
         ["1", "True", "True"],
         ["0", "1"],
     ]
+
+
+RESULT_DURING_RESUBSCRIBE = """
+import os, threading, time, uuid
+import redis
+from celery import Celery, states
+from celery.exceptions import TimeoutError
+from celery.result import AsyncResult, GroupResult
+
+url = os.environ["RESUBSCRIBE_BACKEND_URL"]
+admin = redis.Redis.from_url(url)
+client = Celery(backend=url)
+worker = Celery(backend=url)  # stores results on connections of its own, as a worker does
+first, second = str(uuid.uuid4()), str(uuid.uuid4())
+children = [AsyncResult(task_id, app=client) for task_id in (first, second)]
+group = GroupResult(str(uuid.uuid4()), children, app=client)
+redis_client = client.backend.client
+mget = redis_client.mget
+reads = []
+
+def mget_then_finish_second(keys, *args):
+    found = mget(keys, *args)
+    if not reads:  # the reconnect's read of the stored results: the second task ends just after
+        worker.backend.store_result(second, 2, states.SUCCESS)
+    reads.append(len(keys))
+    return found
+
+def lose_connection_then_finish_first():
+    time.sleep(1)
+    redis_client.mget = mget_then_finish_second  # armed after the wait's own first read
+    admin.client_kill_filter(_type="pubsub")  # what a Redis restart does to the waiting client
+    time.sleep(1)
+    worker.backend.store_result(first, 1, states.SUCCESS)
+
+threading.Thread(target=lose_connection_then_finish_first, daemon=True).start()
+got = []
+try:
+    for task_id, meta in group.iter_native(timeout=6, interval=0.1):
+        got.append(meta["result"])
+except TimeoutError:
+    got.append("timeout")
+print(sorted(got, key=str), reads[:1])
+"""
+
+
+def test_a_result_stored_while_the_client_resubscribes_reaches_it(redis_server):
+    """Fix 7: a result stored between the reconnect's read and its new subscription is not lost."""
+    server = redis_server
+    password = quote(server.password, safe="")
+    url = f"redis://{server.username}:{password}@127.0.0.1:{server.port}/6"
+    env = {**os.environ, "RESUBSCRIBE_BACKEND_URL": url}
+    proc = run([str(BIN / "fleet-python"), "-c", RESULT_DURING_RESUBSCRIBE], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "[1, 2] [2]"

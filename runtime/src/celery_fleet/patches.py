@@ -35,6 +35,13 @@ API; each names the upstream code it corrects, so it can go when upstream fixes 
    connection errors: the consumer reconnects, running tasks keep running, results and
    publishes are retried (a publish still fails once its retry policy is spent). redis-py has
    no class for ``MISCONF``; ``PersistenceError`` is registered for it.
+7. A client waiting for results (``AsyncResult.get``, ``GroupResult.iter_native``) hears them on
+   pub/sub. When that connection is lost, Celery's ``ResultConsumer._reconnect_pubsub`` reads
+   the stored results (MGET) and only then subscribes again: a result stored between the two
+   is neither read nor heard, and its caller waits until its timeout. Seen: 6 of 400 URLs of
+   ``fleetapp fetch`` timed out after a Redis restart although their tasks had run. Fixed: the
+   stored results are read once more after the subscription (a result both read and heard is
+   taken once).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ def apply() -> None:
     _patch_kombu_clock()
     _patch_redis_ack()
     _patch_out_of_memory_is_transient()
+    _patch_result_resubscribe()
     _applied = True
 
 
@@ -190,3 +198,22 @@ def _patch_out_of_memory_is_transient() -> None:
     transport = kombu_redis.Transport
     missing = tuple(error for error in transient if error not in transport.connection_errors)
     transport.connection_errors = (*transport.connection_errors, *missing)
+
+
+def _patch_result_resubscribe() -> None:
+    from celery.backends.redis import ResultConsumer  # type: ignore[attr-defined]  # not in the stubs
+
+    original = ResultConsumer._reconnect_pubsub
+
+    def _reconnect_pubsub(self: Any) -> None:
+        # Under the consumer's lock, as Celery's own: no drain or subscribe runs in between.
+        with self._locked():
+            original(self)
+            keys = list(self.subscribed_to)  # results read by the first MGET are unsubscribed
+            if not keys:
+                return
+            for meta in self.backend.client.mget(keys):
+                if meta:
+                    self.on_state_change(self._decode_result(meta), None)
+
+    ResultConsumer._reconnect_pubsub = _reconnect_pubsub
