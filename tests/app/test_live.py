@@ -118,3 +118,22 @@ def test_pickle_message_is_rejected_not_executed(client_app, fleet, tmp_path):
     assert not marker.exists()
     assert "ContentDisallowed" in fleet.default.text() or "untrusted" in fleet.default.text()
     assert client_app.tasks["fleetapp.add"].delay(1, 1).get(timeout=10) == 2
+
+
+@pytest.mark.timeout(150)
+def test_urls_not_sent_while_the_broker_stays_away_come_back_as_errors(fleet, webfarm):
+    """A publish rides out a restart (about 20 s of tries); a broker that stays away past that
+    turns the URLs into not_sent errors, without trying the rest, instead of a crash."""
+    from fleetapp.celery import create_app
+    from fleetapp.config import load_settings
+
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**fleet.env, "CELERY_BROKER_URL": nowhere, "CELERY_RESULT_BACKEND": nowhere}
+    app = create_app(load_settings(env))
+    urls = [f"{webfarm.url}/delay/0?n={n}" for n in range(3)]
+    started = time.monotonic()
+    results = list(fetch_many(urls, timeout=5, app=app))
+    assert [(r["url"], r["error"]["code"]) for r in results] == [(u, "not_sent") for u in urls]
+    assert "unreachable" in results[0]["error"]["message"]
+    assert time.monotonic() - started > 15  # it did ride for a while
+    app.close()

@@ -254,6 +254,8 @@ def cmd_fetch(args: argparse.Namespace, settings: Settings) -> int:
         if "unregistered" in codes:
             exit_code = EXIT_UNKNOWN_TASK
             stderr.print(explain_missing(FETCH_TASK, set()), markup=False, highlight=False)
+        elif "not_sent" in codes:
+            exit_code = EXIT_BROKER_DOWN
         elif any(
             r["error"] and r["error"]["code"] == "timeout" and r["worker"] == "?" for r in results
         ):

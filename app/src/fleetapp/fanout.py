@@ -3,8 +3,10 @@
     for result in fetch_many(urls, timeout=60):
         progress.advance(...)
 
-The calls go out as one ``group`` (published over a single connection and producer), and the
-results come back over the result backend's pub/sub as each task finishes, not in input order.
+The calls go out over a single connection and producer, and the results come back over the
+result backend's pub/sub as each task finishes, not in input order. A publish rides out a broker
+restart (PUBLISH_RETRY_POLICY); when the broker stays away, the URLs not sent come back as
+``not_sent`` errors and the ones sent are still collected.
 """
 
 from __future__ import annotations
@@ -13,14 +15,24 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
-from celery import Celery, group
+from celery import Celery, uuid
 from celery.exceptions import TimeoutError as CeleryTimeoutError
-from celery.result import GroupResult
+from celery.result import AsyncResult, GroupResult
+from kombu.exceptions import OperationalError
 
 from fleetapp.config import IPNetwork
 from fleetapp.fetching import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, FetchResult, fetch, validate_url
 
 FETCH_TASK = "fleetapp.fetch_url"
+# About 20 s of tries per publish: long enough to ride out a Redis restart, so a fan-out under
+# way loses no URL to it; the deployment's default (a couple of seconds) suits callers that
+# must not block.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 12,
+    "interval_start": 0.5,
+    "interval_step": 0.5,
+    "interval_max": 2.0,
+}
 
 
 def _from_meta(url: str, meta: dict[str, Any]) -> FetchResult:
@@ -76,24 +88,51 @@ def fetch_many(
 
         app = default_app
     fetch_url = app.tasks[FETCH_TASK]
-    signatures = [fetch_url.s(url, timeout=fetch_timeout, max_bytes=max_bytes) for url in url_list]
-    # A group's apply_async returns a GroupResult (the stubs say AsyncResult).
-    group_result = cast(GroupResult, group(signatures).apply_async())
-    children = list(group_result.results or ())  # typed Optional; a sent group has its list
-    url_by_id = {child.id: url for child, url in zip(children, url_list, strict=True)}
-    pending = dict(url_by_id)
+    children: list[AsyncResult[Any]] = []
+    not_sent: list[str] = []
+    reason = ""
+    with app.producer_or_acquire() as producer:
+        for url in url_list:
+            if not_sent:  # the broker stayed away: the rest is not tried
+                not_sent.append(url)
+                continue
+            try:
+                children.append(
+                    fetch_url.apply_async(
+                        (url,),
+                        {"timeout": fetch_timeout, "max_bytes": max_bytes},
+                        producer=producer,
+                        retry=True,
+                        retry_policy=PUBLISH_RETRY_POLICY,
+                    )
+                )
+            except (OperationalError, RuntimeError) as exc:
+                # Before the publish, Celery subscribes to the task's result; when the result
+                # store stays away it gives up with this RuntimeError.
+                if isinstance(exc, RuntimeError) and "result store" not in str(exc):
+                    raise
+                not_sent.append(url)
+                reason = " ".join(f"not sent, the broker is unreachable: {exc}".split())[:300]
+    for url in not_sent:
+        yield _error_result(url, "not_sent", reason)
+    if not children:
+        return
+    group_result = GroupResult(uuid(), children, app=app)
+    pending: dict[str, str] = {
+        child.id: url for child, url in zip(children, url_list, strict=False)
+    }
     try:
         for task_id, meta in group_result.iter_native(timeout=timeout, interval=0.1):
-            url = pending.pop(task_id, None)
-            if url is not None:
-                yield _from_meta(url, meta)
+            sent_url = pending.pop(task_id, None)
+            if sent_url is not None:
+                yield _from_meta(sent_url, meta)
     except CeleryTimeoutError:
         pass
     if pending:
         # Nobody is waiting any more: don't let stragglers run later for nothing.
         group_result.revoke()
-        for url in pending.values():
-            yield _error_result(url, "timeout", f"no result within {timeout:g} s")
+        for sent_url in pending.values():
+            yield _error_result(sent_url, "timeout", f"no result within {timeout:g} s")
     group_result.forget()
 
 
