@@ -84,6 +84,8 @@ def test_cli_fan_out_through_a_redis_restart_returns_every_result():
     on("redis1", "systemctl restart redis-server")
     user.join()
     result = fetched["result"]
+    # A CLI that died prints no JSON: show why.
+    assert result.stdout.strip(), f"exit {result.returncode}: {result.stderr[-2000:]}"
     out = json.loads(result.stdout)
     failed = [r for r in out["results"] if not r["ok"]]
     assert (out["ok"], failed) == (400, []), result.stderr[-2000:]
