@@ -18,6 +18,11 @@ from fleettest.commands import BIN, run
 from tests.conftest import LAB_NAMES, REPO, on
 
 SECRETS = Path(os.environ.get("HOME", "/root")) / ".celery-fleet" / "secrets" / "lab"
+# The fleet's CA on the control node, and on every host (roles/pki): Redis and Flower serve TLS.
+CA_CERT = SECRETS / "ca" / "ca.crt"
+TLS_DIR = "/etc/celery-fleet/tls"
+# redis-cli on a lab host, verifying the server with the fleet's CA.
+REDIS_CLI = f"redis-cli --tls --cacert {TLS_DIR}/ca.crt"
 RECAP = re.compile(
     r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
 )
@@ -61,7 +66,7 @@ def redis_admin(*words: str) -> str:
     args = " ".join(shlex.quote(word) for word in words)
     script = (
         "read -r REDISCLI_AUTH; export REDISCLI_AUTH; "
-        f"redis-cli --no-auth-warning --json --user admin {args}"
+        f"{REDIS_CLI} --no-auth-warning --json --user admin {args}"
     )
     return on("redis1", script, input=secret("redis-admin") + "\n").stdout
 

@@ -24,7 +24,8 @@ def test_config_permissions(host, path, user, group, mode):
 
 def test_the_app_gets_celerys_own_variables(host):
     env = host.file("/etc/celery-fleet/app.env").content_string
-    assert "CELERY_BROKER_URL=redis://" in env
-    assert "CELERY_RESULT_BACKEND=redis://" in env
+    assert "CELERY_BROKER_URL=rediss://" in env
+    assert "CELERY_RESULT_BACKEND=rediss://" in env
+    assert "FLEET_REDIS_CA_FILE=/etc/celery-fleet/tls/ca.crt" in env
     assert "FLEET_APP=fleetapp.celery:app" in env
     assert "FLEET_VISIBILITY_TIMEOUT=30" in env

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, on
-from tests.fleet.conftest import FRESH_CHECK, playbook, recap, secret
+from tests.fleet.conftest import CA_CERT, FRESH_CHECK, playbook, recap, secret
 
 LAB_INVENTORY = REPO / "inventory" / "lab"
 
@@ -206,6 +206,15 @@ def test_a_key_prefix_an_acl_pattern_cannot_hold_is_refused_before_any_change():
     result = playbook("site.yml", "-e", "fleet_redis_key_prefix=app*")
     assert result.returncode != 0
     assert 'fleet_redis_key_prefix "app*" may hold only letters' in " ".join(result.stdout.split())
+    assert all(counts["changed"] == 0 for counts in recap(result).values())
+
+
+def test_a_ca_without_its_key_is_refused_before_any_change(tmp_path):
+    """A user's own CA brought without its key could not sign the hosts' certificates."""
+    (tmp_path / "ca.crt").write_text(CA_CERT.read_text())
+    result = playbook("site.yml", "-e", f"fleet_tls_ca_dir={tmp_path}")
+    assert result.returncode != 0
+    assert "ca.crt exists but its key ca.key does not" in " ".join(result.stdout.split())
     assert all(counts["changed"] == 0 for counts in recap(result).values())
 
 

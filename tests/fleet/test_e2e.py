@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import lab, lab_status, on, ssh
-from tests.fleet.conftest import playbook, secret
+from tests.fleet.conftest import CA_CERT, TLS_DIR, playbook, secret
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -23,7 +23,8 @@ def address(name: str) -> str:
 
 def flower(path: str, auth: bool = True) -> requests.Response:
     credentials = ("admin", secret("flower")) if auth else None
-    return requests.get(f"http://{address('monitor1')}:5555{path}", auth=credentials, timeout=10)
+    url = f"https://{address('monitor1')}:5555{path}"
+    return requests.get(url, auth=credentials, timeout=10, verify=str(CA_CERT))
 
 
 def fetch_from_client(urls: list[str], *extra: str) -> dict:
@@ -85,11 +86,13 @@ def test_flower_without_credentials_is_refused():
 
 
 def redis_reply(client: str, command: str) -> str:
-    """Send one raw RESP command from a lab machine and return Redis' first reply line."""
+    """Send one raw RESP command from a lab machine over TLS (verified with the fleet's CA) and
+    return Redis' first reply line."""
     probe = (
-        "import socket; s = socket.create_connection(('{host}', 6379), timeout=5); "
-        "s.sendall(b'{cmd}\\r\\n'); print(s.recv(200).decode().strip())"
-    ).format(host=address("redis1"), cmd=command)
+        "import socket, ssl; c = ssl.create_default_context(cafile='{ca}'); "
+        "s = c.wrap_socket(socket.create_connection(('{host}', 6379), timeout=5), "
+        "server_hostname='{host}'); s.sendall(b'{cmd}\\r\\n'); print(s.recv(200).decode().strip())"
+    ).format(host=address("redis1"), cmd=command, ca=f"{TLS_DIR}/ca.crt")
     return on(client, f'python3 -c "{probe}"').stdout.strip()
 
 

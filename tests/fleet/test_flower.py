@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -12,12 +13,20 @@ import pytest
 import requests
 
 from tests.conftest import on
-from tests.fleet.conftest import FLEET_DEFAULTS, KEY_PREFIX, sandbox_exposure, take_refusals
+from tests.fleet.conftest import (
+    CA_CERT,
+    FLEET_DEFAULTS,
+    KEY_PREFIX,
+    sandbox_exposure,
+    take_refusals,
+)
 
 testinfra_hosts = ["ansible://monitor"]
 
 UNIT = "flower.service"
 PORT = 5555
+# Flower serves HTTPS with a certificate of the fleet's CA (roles/pki); the tests verify it.
+VERIFY = str(CA_CERT)
 
 
 def journal(host, unit: str = UNIT) -> str:
@@ -52,7 +61,8 @@ def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
         token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        context = ssl.create_default_context(cafile=VERIFY)
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -60,7 +70,7 @@ def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
 
 @pytest.fixture
 def base_url(host) -> str:
-    return f"http://{variable(host, 'fleet_private_address')}:{PORT}"
+    return f"https://{variable(host, 'fleet_private_address')}:{PORT}"
 
 
 @pytest.fixture
@@ -183,10 +193,14 @@ def test_the_api_runs_nothing_without_the_right_credentials(base_url, credential
     user, password = credentials
     for auth in (None, (user, password + "x"), ("intruder", password)):
         apply = requests.post(
-            f"{base_url}/api/task/async-apply/fleetapp.fetch_url", json=task, auth=auth, timeout=10
+            f"{base_url}/api/task/async-apply/fleetapp.fetch_url",
+            json=task,
+            auth=auth,
+            timeout=10,
+            verify=VERIFY,
         )
         shutdown = requests.post(
-            f"{base_url}/api/worker/shutdown/network@worker1", auth=auth, timeout=10
+            f"{base_url}/api/worker/shutdown/network@worker1", auth=auth, timeout=10, verify=VERIFY
         )
         assert (apply.status_code, shutdown.status_code) == (401, 401), auth and auth[0]
     apply = requests.post(
@@ -194,10 +208,14 @@ def test_the_api_runs_nothing_without_the_right_credentials(base_url, credential
         json=task,
         auth=credentials,
         timeout=10,
+        verify=VERIFY,
     )
     assert apply.status_code >= 500, apply.text[:300]
     shutdown = requests.post(
-        f"{base_url}/api/worker/shutdown/network@worker1", auth=credentials, timeout=10
+        f"{base_url}/api/worker/shutdown/network@worker1",
+        auth=credentials,
+        timeout=10,
+        verify=VERIFY,
     )
     assert shutdown.status_code == 200, shutdown.text[:300]
     time.sleep(5)

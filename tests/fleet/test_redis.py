@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from tests.fleet.conftest import FLEET_DEFAULTS, KEY_PREFIX, take_refusals
+from tests.fleet.conftest import FLEET_DEFAULTS, KEY_PREFIX, REDIS_CLI, take_refusals
 
 testinfra_hosts = ["ansible://redis"]
 
@@ -177,7 +177,7 @@ def cli(host, redis_port, users):
     """redis-cli over loopback as one of the fleet users (None = no AUTH)."""
 
     def run(role, *words):
-        base = "redis-cli -h 127.0.0.1 -p %s --no-auth-warning"
+        base = REDIS_CLI + " -h 127.0.0.1 -p %s --no-auth-warning"
         if role is None:
             return host.run(base + " " + " ".join(["%s"] * len(words)), redis_port, *words)
         user, password = users[role]
@@ -223,6 +223,11 @@ def test_listens_on_private_address_and_loopback_only(host, redis_port, private_
         ("protected-mode", "yes"),
         ("timeout", "0"),
         ("tcp-keepalive", "60"),
+        # TLS only: no plaintext port.
+        ("port", "0"),
+        ("tls-port", "6379"),
+        ("tls-auth-clients", "no"),
+        ("tls-protocols", "TLSv1.2 TLSv1.3"),
     ],
 )
 def test_config_value(admin, parameter, expected):

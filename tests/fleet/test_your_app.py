@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import lab_status, ssh
-from tests.fleet.conftest import KEY_PREFIX, playbook, secret, take_refusals
+from tests.fleet.conftest import CA_CERT, KEY_PREFIX, playbook, secret, take_refusals
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -26,7 +26,10 @@ TUTORIAL_PREFIX = "celery_config:"  # its fleet_app's module: fleet_redis_key_pr
 def flower(path: str) -> requests.Response:
     monitor = lab_status()["monitor1"]["address"]
     return requests.get(
-        f"http://{monitor}:5555{path}", auth=("admin", secret("flower")), timeout=10
+        f"https://{monitor}:5555{path}",
+        auth=("admin", secret("flower")),
+        timeout=10,
+        verify=str(CA_CERT),
     )
 
 

@@ -122,8 +122,11 @@ def fleet_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     prefix = key_prefix(env)
     ssl_options: dict[str, Any] | None = None
     ca_file = env.get("FLEET_REDIS_CA_FILE", "").strip()
-    if ca_file:
-        ssl_options = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_file}
+    if ca_file or env.get("CELERY_BROKER_URL", "").startswith("rediss://"):
+        # The server is always verified (name and chain); without a CA file, by the system's.
+        ssl_options = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        if ca_file:
+            ssl_options["ssl_ca_certs"] = ca_file
 
     settings: dict[str, Any] = {
         # JSON only: a pickled message must never be deserialized (remote code execution).
@@ -219,24 +222,30 @@ def install() -> None:
 
     Celery.__init__ = __init__  # type: ignore[method-assign]
     Celery._fleet_installed = True  # type: ignore[attr-defined]
-    _keep_result_key_prefix()
+    _keep_fleet_backend_options()
 
 
-def _keep_result_key_prefix() -> None:
-    """Results keep the deployment's key prefix when the app sets its own
-    result_backend_transport_options without one (its dict replaces the fleet's)."""
+def _keep_fleet_backend_options() -> None:
+    """Results keep the deployment's key prefix and CA when the app sets its own
+    result_backend_transport_options or redis_backend_use_ssl without them (its dict replaces
+    the fleet's)."""
     from celery.backends import base
 
     # The stubs describe neither this private method nor the backend's app.
     backend: Any = base.BaseKeyValueStoreBackend
     original = backend._add_global_keyprefix
 
+    # Called by the backend's __init__ before the Redis backend reads its SSL settings.
     def _add_global_keyprefix(self: Any) -> None:
         options = dict(self.app.conf.get("result_backend_transport_options") or {})
         prefix = key_prefix()
         if prefix and not options.get("global_keyprefix"):
             options["global_keyprefix"] = prefix
             self.app.conf.result_backend_transport_options = options
+        ssl_options = self.app.conf.get("redis_backend_use_ssl")
+        if isinstance(ssl_options, dict):
+            fleet_ssl = fleet_settings().get("redis_backend_use_ssl") or {}
+            self.app.conf.redis_backend_use_ssl = {**fleet_ssl, **ssl_options}
         original(self)
 
     backend._add_global_keyprefix = _add_global_keyprefix

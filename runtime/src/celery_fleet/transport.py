@@ -150,8 +150,15 @@ class Channel(_RedisChannel):
         # lease, timeouts, one priority step) fill in what the app's dict leaves out.
         connection = args[0] if args else kwargs["connection"]
         options = connection.client.transport_options
-        for name, value in config.fleet_settings()["broker_transport_options"].items():
+        fleet = config.fleet_settings()
+        for name, value in fleet["broker_transport_options"].items():
             options.setdefault(name, value)
+        # Likewise TLS: an app's own broker_use_ssl that names no CA verifies the fleet's Redis
+        # with the fleet's CA (Celery's setting is the dict kombu's Connection holds).
+        ssl_options = connection.client.ssl
+        if isinstance(ssl_options, dict):
+            for name, value in (fleet.get("broker_use_ssl") or {}).items():
+                ssl_options.setdefault(name, value)
         super().__init__(*args, **kwargs)
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
