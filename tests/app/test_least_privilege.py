@@ -140,3 +140,17 @@ def test_workers_announce_themselves_where_a_client_may_read(
     with pytest.raises(redis.exceptions.NoPermissionError):
         client.delete(f"{PREFIX}network")
     admin.acl_log_reset()
+
+
+def test_the_doctor_names_a_refusal_instead_of_calling_redis_down(
+    acl_redis: RedisServer, admin: redis.Redis, empty_env_file: Path
+) -> None:
+    """A client whose settings name another prefix than its ACL allows: Redis is up and takes
+    the password, but refuses the reads; the doctor says so (exit 5), not "broker unreachable"."""
+    client = tier_env(acl_redis, empty_env_file, "client")
+    client["FLEET_REDIS_KEY_PREFIX"] = "otherapp:"
+    doctor = run([str(BIN / "fleet-doctor"), "-A", "fleetapp.celery:app", "--json"], env=client)
+    report = json.loads(doctor.stdout)
+    assert doctor.returncode == 5, doctor.stdout + doctor.stderr
+    assert any("Redis refused this host's user" in p for p in report["problems"]), report
+    admin.acl_log_reset()

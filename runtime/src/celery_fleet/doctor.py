@@ -211,14 +211,29 @@ def diagnose(app: Any, timeout: float = 2.0) -> Report:
     """Broker, workers, task names, queues and dead letters; never raises for expected failures."""
     report = _diagnose(app, timeout)
     # Last, so a more basic failure (no worker, an unregistered task) keeps its exit code.
+    prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
     for queue, parked in report.dead_letters.items():
+        dead, live = f"{prefix}_fleet.dead.{queue}", f"{prefix}{queue}"
         report.fail(
             EXIT_FAILED,
-            f"{parked} task(s) of queue '{queue}' parked in _fleet.dead.{queue}: each killed its"
-            " worker on every start; fix the cause, then move them back with"
-            f" LMOVE _fleet.dead.{queue} {queue} RIGHT LEFT",
+            f"{parked} task(s) of queue '{queue}' parked in {dead}: each killed its worker on"
+            f" every start; fix the cause, then move them back with LMOVE {dead} {live} RIGHT LEFT"
+            " (as the Redis admin user)",
         )
     return report
+
+
+def _redis_failure(what: str, exc: Exception) -> tuple[int, str]:
+    """The exit code and message for a Redis error while reading ``what``."""
+    import redis
+
+    if isinstance(exc, redis.exceptions.NoPermissionError) or str(exc).startswith("NOPERM"):
+        # Redis is up and took the password: this user's ACL does not allow the read.
+        return EXIT_AUTH, (
+            f"Redis refused this host's user the {what}: {exc} (its ACL does not cover them: is"
+            " FLEET_REDIS_KEY_PREFIX the deployment's, and is this the host's own env file?)"
+        )
+    return EXIT_BROKER_DOWN, f"could not read the {what}: {exc}"
 
 
 def _diagnose(app: Any, timeout: float) -> Report:
@@ -239,7 +254,7 @@ def _diagnose(app: Any, timeout: float) -> Report:
     try:
         report.workers = online_workers(app, timeout)
     except (OSError, redis.exceptions.RedisError) as exc:
-        report.fail(EXIT_BROKER_DOWN, f"could not read which workers are online: {exc}")
+        report.fail(*_redis_failure("list of online workers", exc))
         return report
     consumed = {q for w in report.workers.values() for q in w.queues}
     queues = sorted({app.conf.task_default_queue, *known.values(), *consumed})
@@ -249,7 +264,7 @@ def _diagnose(app: Any, timeout: float) -> Report:
         report.queues = {queue: queue_length(client, prefix, queue) for queue in queues}
         report.dead_letters = dead_letters(app, client, queues)
     except redis.exceptions.RedisError as exc:
-        report.fail(EXIT_BROKER_DOWN, f"could not read queue lengths: {exc}")
+        report.fail(*_redis_failure("queue lengths", exc))
     finally:
         client.close()
 
