@@ -38,10 +38,10 @@ API; each names the upstream code it corrects, so it can go when upstream fixes 
 7. A client waiting for results (``AsyncResult.get``, ``GroupResult.iter_native``) hears them on
    pub/sub. When that connection is lost, Celery's ``ResultConsumer._reconnect_pubsub`` reads
    the stored results (MGET) and only then subscribes again: a result stored between the two
-   is neither read nor heard, and its caller waits until its timeout. Seen: 6 of 400 URLs of
-   ``fleetapp fetch`` timed out after a Redis restart although their tasks had run. Fixed: the
-   stored results are read once more after the subscription (a result both read and heard is
-   taken once).
+   is neither read nor heard, and its caller waits until its timeout (tests/app/test_runtime.py
+   stores a result in that window; seen in CI, most likely through it: 6 of 400 URLs of
+   ``fleetapp fetch`` timed out after a Redis restart). Fixed: the stored results are read once
+   more after the subscription (a result both read and heard is taken once).
 """
 
 from __future__ import annotations
