@@ -120,7 +120,8 @@ def test_a_run_renews_certificates_due_and_the_fleet_carries_on():
     """A certificate expiring within pki_renew_days is renewed by the next run (here every one is
     due); Redis and Flower restart with it and every tier still connects."""
     before = {key: serial(*key) for key in (("redis1", "redis"), ("monitor1", "flower"))}
-    result = playbook("site.yml", "-e", "pki_renew_days=400")
+    # Only the hosts that serve TLS: the others hold the CA certificate alone, which stays.
+    result = playbook("site.yml", "--limit", "redis1,monitor1", "-e", "pki_renew_days=400")
     assert result.returncode == 0, result.stdout[-4000:]
     assert recap(result)["redis1"]["changed"] > 0
     after = {key: serial(*key) for key in before}
