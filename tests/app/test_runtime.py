@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from urllib.parse import quote
 
 from fleettest.commands import BIN, run
+from fleettest.local import RedisServer
 
 TRANSIENT_REFUSALS_ARE_LOST_CONNECTIONS = """
 from celery import Celery
@@ -32,6 +34,18 @@ def test_redis_refusing_writes_for_memory_or_disk_counts_as_a_lost_connection():
         ["OutOfMemoryError", "True", "True", "True"],
         ["PersistenceError", "True", "True", "True"],
     ]
+
+
+def run_with_redis(
+    script: str, server: RedisServer, db: int, variable: str
+) -> subprocess.CompletedProcess[str]:
+    """Run a script with fleet-python, the local Redis' URL (database db) in the variable."""
+    password = quote(server.password, safe="")
+    url = f"redis://{server.username}:{password}@127.0.0.1:{server.port}/{db}"
+    # The URL carries the password: through the environment, not the command line.
+    proc = run([str(BIN / "fleet-python"), "-c", script], env={**os.environ, variable: url})
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 UNANSWERED_POP = """
@@ -71,13 +85,7 @@ with app.connection_for_read() as conn:
 
 def test_a_pop_whose_answer_was_lost_is_moved_back_to_its_queue(redis_server):
     """A BLMOVE the server ran but whose reply never came (a partition) strands no message."""
-    server = redis_server
-    password = quote(server.password, safe="")
-    url = f"redis://{server.username}:{password}@127.0.0.1:{server.port}/5"
-    # The URL carries the password: through the environment, not the command line.
-    env = {**os.environ, "UNANSWERED_BROKER_URL": url}
-    proc = run([str(BIN / "fleet-python"), "-c", UNANSWERED_POP], env=env)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_with_redis(UNANSWERED_POP, redis_server, 5, "UNANSWERED_BROKER_URL")
     assert [line.split() for line in proc.stdout.splitlines()] == [
         ["1", "True", "True"],
         ["0", "1"],
@@ -129,10 +137,5 @@ print(sorted(got, key=str), reads[:1])
 
 def test_a_result_stored_while_the_client_resubscribes_reaches_it(redis_server):
     """Fix 7: a result stored between the reconnect's read and its new subscription is not lost."""
-    server = redis_server
-    password = quote(server.password, safe="")
-    url = f"redis://{server.username}:{password}@127.0.0.1:{server.port}/6"
-    env = {**os.environ, "RESUBSCRIBE_BACKEND_URL": url}
-    proc = run([str(BIN / "fleet-python"), "-c", RESULT_DURING_RESUBSCRIBE], env=env)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_with_redis(RESULT_DURING_RESUBSCRIBE, redis_server, 6, "RESUBSCRIBE_BACKEND_URL")
     assert proc.stdout.split("\n")[0] == "[1, 2] [2]"
