@@ -118,14 +118,23 @@ def serial(host: str, name: str) -> str:
 
 def test_a_run_renews_certificates_due_and_the_fleet_carries_on():
     """A certificate expiring within pki_renew_days is renewed by the next run (here every one is
-    due); Redis and Flower restart with it and every tier still connects."""
+    due); Redis serves it without a restart, Flower restarts, and every tier still connects."""
     before = {key: serial(*key) for key in (("redis1", "redis"), ("monitor1", "flower"))}
+    redis_pid = on("redis1", "systemctl show -P MainPID redis-server").stdout.strip()
     # Only the hosts that serve TLS: the others hold the CA certificate alone, which stays.
     result = playbook("site.yml", "--limit", "redis1,monitor1", "-e", "pki_renew_days=400")
     assert result.returncode == 0, result.stdout[-4000:]
     assert recap(result)["redis1"]["changed"] > 0
     after = {key: serial(*key) for key in before}
     assert all(after[key] != before[key] for key in before), (before, after)
+    # Redis reads the new certificate without a restart (its clients stay connected) and serves it.
+    assert on("redis1", "systemctl show -P MainPID redis-server").stdout.strip() == redis_pid
+    served = on(
+        "redis1",
+        f"openssl s_client -connect 127.0.0.1:{PORT} -CAfile {TLS_DIR}/ca.crt </dev/null"
+        " 2>/dev/null | openssl x509 -noout -serial",
+    ).stdout.strip()
+    assert served == after[("redis1", "redis")], (served, after)
     # Verified with the same CA, as every tier connects.
     assert redis_ping_from_client1(f"{TLS_DIR}/ca.crt").startswith("AuthenticationError")
     base = f"https://{address('monitor1')}:{FLOWER_PORT}"
