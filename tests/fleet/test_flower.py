@@ -17,6 +17,7 @@ from tests.fleet.conftest import (
     CA_CERT,
     FLEET_DEFAULTS,
     KEY_PREFIX,
+    TLS_DIR,
     sandbox_exposure,
     take_refusals,
 )
@@ -146,11 +147,16 @@ def test_flower_sees_the_workers(base_url, credentials):
     assert any(name.startswith("default@") for name in names), names
 
 
-def test_metrics_for_prometheus(base_url):
-    # Flower 2.2 serves /metrics without authentication (scrapers reach it on the private address).
-    status, body = get(f"{base_url}/metrics")
-    assert status == 200
-    assert b"flower_" in body or b"celery_" in body or b"python_info" in body
+def test_metrics_only_for_the_monitoring_host(host, base_url):
+    """Flower 2.2 serves /metrics without credentials; the runtime answers it to the monitoring
+    host alone. The lab host may open Flower (fleet_flower_allowed_networks) but not /metrics."""
+    status, _ = get(f"{base_url}/metrics")
+    assert status == 403
+    assert get(f"{base_url}/healthcheck")[0] == 200
+    # From the monitor host itself, as its Prometheus scrapes it.
+    scraped = host.run(f"curl -sf --cacert {TLS_DIR}/ca.crt {base_url}/metrics")
+    assert scraped.rc == 0, scraped.stderr
+    assert "flower_events_total" in scraped.stdout or "python_info" in scraped.stdout
 
 
 def test_systemd_rates_the_flower_sandbox_ok(host):

@@ -61,6 +61,11 @@ def main() -> None:
     if app and not any(a in ("-A", "--app") or a.startswith("--app=") for a in sys.argv[1:]):
         sys.argv.insert(1, f"--app={app}")
 
+    if "flower" in sys.argv[1:]:
+        from celery_fleet.flower import restrict_metrics
+
+        restrict_metrics()
+
     from celery.bin.celery import main as celery_main
 
     sys.exit(celery_main())

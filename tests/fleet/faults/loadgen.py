@@ -20,6 +20,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", required=True)
     parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--first", type=int, default=0, help="ledger number of the first task")
     parser.add_argument(
         "--rate", type=float, default=0.0, help="publishes per second (0 = flat out)"
     )
@@ -34,9 +35,10 @@ def main() -> int:
 
     publishes: list[tuple[int, str | None, float, str | None]] = []
     started = time.monotonic()
-    for n in range(args.count):
+    for i in range(args.count):
+        n = args.first + i
         if args.rate > 0:
-            time.sleep(max(0.0, started + n / args.rate - time.monotonic()))
+            time.sleep(max(0.0, started + i / args.rate - time.monotonic()))
         url = f"{args.webfarm}/delay/{args.delay:g}?ledger={args.run}.{n}"
         sent_at = time.time()
         try:

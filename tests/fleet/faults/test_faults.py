@@ -15,13 +15,25 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
-from tests.conftest import REPO, lab, on
-from tests.fleet.conftest import playbook
-from tests.fleet.faults.conftest import FULL, WEBFARM, Scenario, redis_cli, size
+from tests.conftest import REPO, lab, lab_status, on
+from tests.fleet.conftest import SECRETS, TLS_DIR, playbook, recap, secret
+from tests.fleet.faults.conftest import (
+    APP_PYTHON,
+    FULL,
+    LOADGEN,
+    REPORTS,
+    WEBFARM,
+    Scenario,
+    ledger,
+    redis_cli,
+    size,
+)
+from tests.fleet.faults.ledger import report
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -456,3 +468,112 @@ def test_worker_clock_ten_minutes_ahead_changes_nothing(worker1_clock_ahead):
     row = Scenario("worker1 clock +10 min", count=size(150, 400), rate=25).run(lambda: None, at=0)
     assert row.lost == [], row
     assert row.duplicates == 0, row
+
+
+# AUTH with each (user, password) from client1, as the app connects (redis-py, verified TLS);
+# the script, passwords included, goes to python on stdin.
+AUTH_ATTEMPTS = """
+import json, sys, redis
+for user, password in json.loads(ATTEMPTS):
+    try:
+        redis.Redis(host=sys.argv[1], port=6379, username=user, password=password, ssl=True,
+                    ssl_ca_certs=sys.argv[2], socket_timeout=5).ping()
+        print("accepted")
+    except redis.AuthenticationError:
+        print("refused")
+"""
+REDIS_USERS = {
+    "worker": "redis-worker",
+    "client": "redis-client",
+    "flower": "redis-flower",
+    "admin": "redis-admin",
+}
+ROTATED = [*REDIS_USERS.values(), "flower"]
+
+
+def redis_accepts(passwords: dict[str, str]) -> list[str]:
+    redis1 = lab_status()["redis1"]["address"]
+    script = f"ATTEMPTS = {json.dumps(list(passwords.items()))!r}\n{AUTH_ATTEMPTS}"
+    return on("client1", f"{VENV_PYTHON} - {redis1} {TLS_DIR}/ca.crt", input=script).stdout.split()
+
+
+def flower_answers(password: str) -> str:
+    """HTTP status of Flower's API for the fleet's Flower user (curl reads it from stdin)."""
+    url = f"https://{lab_status()['monitor1']['address']}:5555/api/workers"
+    command = f"curl -s -o /dev/null -w '%{{http_code}}' --cacert {TLS_DIR}/ca.crt -K - {url}"
+    return on("monitor1", command, input=f'user = "admin:{password}"\n').stdout
+
+
+def public_keys() -> list[str]:
+    return [
+        on(host, f"openssl pkey -in {TLS_DIR}/{name}.key -pubout").stdout
+        for host, name in (("redis1", "redis"), ("monitor1", "flower"))
+    ]
+
+
+def test_secret_rotation_under_load_fails_nothing_and_loses_nothing():
+    """playbooks/rotate-secrets.yml replaces every password and server key while client1 keeps
+    publishing from one process, and new client processes start throughout (each reads the
+    password deployed at that moment). Nothing fails, nothing is lost, Redis never restarts,
+    and afterwards only the new secrets open anything."""
+    old = {name: secret(name) for name in ROTATED}
+    keys_before = public_keys()
+    redis_pid = on("redis1", "systemctl show -P MainPID redis-server").stdout.strip()
+    fresh_run = f"rotation-fresh-{int(time.time())}"
+    requests.delete(f"{WEBFARM}/ledger/{fresh_run}", timeout=10)
+    fresh: list[list[Any]] = []
+    fresh_failures: list[str] = []
+    rotated: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def rotate() -> None:
+        done = threading.Event()
+
+        def start_fresh_clients() -> None:
+            n = 0
+            while not done.is_set():
+                result = on(
+                    "client1",
+                    f"{APP_PYTHON} {LOADGEN} --run={fresh_run} --count=1 --first={n}"
+                    f" --webfarm={WEBFARM}",
+                    check=False,
+                )
+                try:
+                    fresh.extend(json.loads(result.stdout)["publishes"])
+                except ValueError:
+                    fresh_failures.append(f"rc={result.returncode} {result.stderr[-500:]}")
+                n += 1
+                done.wait(4)  # a new process every few seconds, not a CPU-bound stream of them
+
+        starter = threading.Thread(target=start_fresh_clients)
+        starter.start()
+        try:
+            rotated["result"] = playbook("playbooks/rotate-secrets.yml")
+        finally:
+            done.set()
+            starter.join()
+
+    # Publishing lasts about as long as the rotation (two Redis plays and the rest of site.yml).
+    row = Scenario("secret rotation", count=size(200, 600), rate=1.5).run(rotate, at=3)
+    result = rotated["result"]
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert all(host["failed"] == 0 for host in recap(result).values()), recap(result)
+    assert row.lost == [] and row.raised == 0, row
+    fresh_row = report("secret rotation: new client processes", fresh, ledger(fresh_run))
+    REPORTS.append(fresh_row)
+    assert not fresh_failures and fresh_row.raised == 0 and fresh_row.lost == [], (
+        fresh_failures,
+        fresh_row,
+    )
+    assert fresh_row.published >= 10, fresh_row  # new clients did start throughout
+    # Redis kept every connection: it reloaded users and certificates, it never restarted.
+    assert on("redis1", "systemctl show -P MainPID redis-server").stdout.strip() == redis_pid
+
+    new = {name: secret(name) for name in ROTATED}
+    assert all(new[name] != old[name] for name in ROTATED)
+    users = list(REDIS_USERS.items())
+    assert redis_accepts({user: old[name] for user, name in users}) == ["refused"] * 4
+    assert redis_accepts({user: new[name] for user, name in users}) == ["accepted"] * 4
+    assert flower_answers(old["flower"]) == "401"
+    assert flower_answers(new["flower"]) == "200"
+    assert all(before != after for before, after in zip(keys_before, public_keys(), strict=True))
+    assert not list(SECRETS.glob("*.previous")) and not list(SECRETS.glob("*.next"))
