@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from celery_fleet.cli import _subcommand
 from celery_fleet.flower import admits, metrics_allowed
 
 
@@ -29,3 +30,22 @@ def test_metrics_answer_loopback_and_the_named_addresses_only(
 def test_a_malformed_setting_is_an_error() -> None:
     with pytest.raises(ValueError):
         metrics_allowed("999.1.1.1")
+
+
+@pytest.mark.parametrize(
+    ("argv", "subcommand"),
+    [
+        (["--app=fleetapp.celery:app", "flower"], "flower"),
+        (["-A", "fleetapp.celery:app", "flower"], "flower"),
+        (["--app=x", "worker", "-Q", "flower"], "worker"),
+        (["-A", "flower", "worker"], "worker"),
+        (["--workdir", "/tmp", "inspect", "ping"], "inspect"),
+        (["--version"], None),
+    ],
+)
+def test_only_the_flower_subcommand_restricts_metrics(
+    argv: list[str], subcommand: str | None
+) -> None:
+    """fleet-celery restricts /metrics for `flower` alone: a queue named flower is no Flower
+    (and a worker host need not have Flower installed)."""
+    assert _subcommand(argv) == subcommand

@@ -29,6 +29,31 @@ def _activate(program: str) -> None:
         sys.exit(CONFIG_ERROR)
 
 
+# The celery command's global options that take a value (celery/bin/celery.py).
+_GLOBAL_OPTIONS_WITH_VALUE = {
+    "-A",
+    "--app",
+    "-b",
+    "--broker",
+    "--result-backend",
+    "--loader",
+    "--config",
+    "--workdir",
+}
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    """The celery subcommand of a command line (worker, flower, ...): its first word that is
+    neither a global option nor an option's value, so ``worker -Q flower`` is a worker."""
+    words = iter(argv)
+    for word in words:
+        if word in _GLOBAL_OPTIONS_WITH_VALUE:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def _pool(argv: list[str]) -> str | None:
     """The -P/--pool value of a celery command line."""
     for i, arg in enumerate(argv):
@@ -61,7 +86,7 @@ def main() -> None:
     if app and not any(a in ("-A", "--app") or a.startswith("--app=") for a in sys.argv[1:]):
         sys.argv.insert(1, f"--app={app}")
 
-    if "flower" in sys.argv[1:]:
+    if _subcommand(sys.argv[1:]) == "flower":
         from celery_fleet.flower import restrict_metrics
 
         restrict_metrics()

@@ -73,6 +73,8 @@ class Scenario:
     delay: float = 2.0
     countdown: float | None = None
     queue: str | None = None
+    # Publishing stops early once this file exists on client1 (count is then a ceiling).
+    stop_file: str | None = None
 
     def run(
         self,
@@ -97,6 +99,9 @@ class Scenario:
             args.append(f"--countdown={self.countdown}")
         if self.queue is not None:
             args.append(f"--queue={self.queue}")
+        if self.stop_file is not None:
+            on("client1", f"rm -f {self.stop_file}")
+            args.append(f"--stop-file={self.stop_file}")
 
         def publish() -> None:
             published["result"] = on(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -29,6 +30,7 @@ def main() -> int:
     parser.add_argument("--task", default="fleetapp.fetch_url")
     parser.add_argument("--countdown", type=float, default=None)
     parser.add_argument("--queue", default=None, help="route to this queue instead of the app's")
+    parser.add_argument("--stop-file", default=None, help="stop publishing once this file exists")
     args = parser.parse_args()
 
     from fleetapp.celery import app  # the app's own configuration, as a client uses it
@@ -36,6 +38,8 @@ def main() -> int:
     publishes: list[tuple[int, str | None, float, str | None]] = []
     started = time.monotonic()
     for i in range(args.count):
+        if args.stop_file and os.path.exists(args.stop_file):
+            break
         n = args.first + i
         if args.rate > 0:
             time.sleep(max(0.0, started + i / args.rate - time.monotonic()))
