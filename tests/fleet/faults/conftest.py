@@ -25,7 +25,7 @@ import requests
 
 from tests.conftest import REPO, on
 from tests.fleet.conftest import KEY_PREFIX, REDIS_CLI, secret
-from tests.fleet.faults.ledger import Report, report
+from tests.fleet.faults.ledger import Report, executions_sent, report
 
 WEBFARM = "http://198.18.0.1:8080"
 # The client's own interpreter for the app, with the fleet's settings (as a user's code runs).
@@ -129,17 +129,49 @@ def ledger(run_id: str) -> dict[str, list[dict[str, Any]]]:
     return requests.get(f"{WEBFARM}/ledger/{run_id}", timeout=10).json()["executions"]
 
 
+def stored_results(task_ids: list[str]) -> dict[str, Any]:
+    """The stored results of these tasks, read on client1 as the app's client reads them."""
+    if not task_ids:
+        return {}
+    out = on("client1", f"{APP_PYTHON} {LOADGEN} --results", input="\n".join(task_ids) + "\n")
+    return dict(json.loads(out.stdout)["results"])
+
+
+def with_results(name: str, publishes: list[list[Any]], run_id: str) -> Report:
+    """The ledger's row; the stored results are read for the tasks without an answer."""
+    executions = ledger(run_id)
+    answered = executions_sent(executions)
+    unanswered = [
+        task_id for n, task_id, sent_at, error in publishes if error is None and n not in answered
+    ]
+    return report(name, publishes, executions, stored_results(unanswered))
+
+
 def drain(name: str, run_id: str, publishes: list[list[Any]], timeout: float) -> Report:
-    """Wait until everything returned has executed and Redis holds nothing, then settle."""
+    """Wait until everything returned has run and Redis holds nothing, then settle."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not report(name, publishes, ledger(run_id)).lost and redis_holds() == 0:
+            break
+        # Redis holds nothing, yet some have no answer: done if each has run and failed.
+        if redis_holds() == 0 and not with_results(name, publishes, run_id).lost:
             break
         time.sleep(2)
     # Late duplicates (a redelivery of something that already ran) would show up now: one lease
     # keeper tick (3 s in the lab) and one task.
     time.sleep(5)
-    return report(name, publishes, ledger(run_id))
+    row = with_results(name, publishes, run_id)
+    if row.failed:
+        print(f"{name}: {len(row.failed)} task(s) ran and reported a failed fetch: {row.failed}")
+    if row.lost:
+        # The evidence a lost task leaves, printed with the failure: its task id (for the
+        # workers' journals), what the webfarm saw of it, and what Redis still holds.
+        executions = ledger(run_id)
+        for n, task_id, sent_at, _error in publishes:
+            if n in row.lost:
+                print(f"lost {n}: task {task_id} sent at {sent_at:.3f}", executions.get(str(n)))
+        print("redis holds", redis_holds())
+    return row
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -1,8 +1,14 @@
 """The ledger of a fault scenario: what the client published against what the webfarm executed.
 
-Neither Redis nor Celery's own bookkeeping is trusted here: a publish counts as "returned" when
-``send_task`` returned on the client, an execution counts when the webfarm (on the lab host)
-sent a whole answer for that task's token.
+Neither Redis nor Celery's own bookkeeping is trusted to say a task ran: a publish counts as
+"returned" when ``send_task`` returned on the client, an execution counts when the webfarm (on
+the lab host) sent a whole answer for that task's token.
+
+One case needs the task's stored result: a fetch the fault itself made fail (the worker was cut
+off from the webfarm for longer than the fetch's timeout). The task ran and reported "timeout"
+(its answer, if the request arrives at all, finds the connection closed). Such a token counts
+as "failed" instead of lost only when the worker stored exactly that: a result with ``ok``
+false. A result cannot be stored for a task that never ran, so a lost task stays lost.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ class Report:
     raised: int
     executed: int
     lost: list[int] = field(default_factory=list)
+    # Ran and reported that its fetch failed (stored result ok=false): not an execution, not lost.
+    failed: list[int] = field(default_factory=list)
     duplicates: int = 0
     # Publishes that raised on the client and ran all the same (the caller was told "failed").
     raised_but_ran: int = 0
@@ -31,6 +39,7 @@ class Report:
             "returned": self.returned,
             "raised": self.raised,
             "executed": self.executed,
+            "fetch_failed": len(self.failed),
             "lost": len(self.lost),
             "duplicates": self.duplicates,
             "raised_but_ran": self.raised_but_ran,
@@ -52,11 +61,17 @@ def report(
     scenario: str,
     publishes: list[list[Any]],
     executions: dict[str, list[dict[str, Any]]],
+    results: dict[str, Any] | None = None,
 ) -> Report:
+    """``results``: the stored result of a task by id (only read for tasks without an answer)."""
     done = executions_sent(executions)
     returned = {n: sent_at for n, task_id, sent_at, error in publishes if error is None}
     raised = {n for n, task_id, sent_at, error in publishes if error is not None}
-    lost = sorted(n for n in returned if n not in done)
+    ids = {n: task_id for n, task_id, sent_at, error in publishes if error is None}
+    failed = sorted(
+        n for n in returned if n not in done and fetch_failed((results or {}).get(ids[n]))
+    )
+    lost = sorted(n for n in returned if n not in done and n not in failed)
     delays = [done[n][0]["end"] - sent_at for n, sent_at in returned.items() if n in done]
     return Report(
         scenario=scenario,
@@ -65,7 +80,13 @@ def report(
         raised=len(raised),
         executed=sum(1 for n in returned if n in done),
         lost=lost,
+        failed=failed,
         duplicates=sum(len(entries) - 1 for entries in done.values()),
         raised_but_ran=sum(1 for n in raised if n in done),
         longest_delay=max(delays, default=0.0),
     )
+
+
+def fetch_failed(result: Any) -> bool:
+    """A stored fetch_url result that reports a failed fetch (the task ran to its end)."""
+    return isinstance(result, dict) and result.get("ok") is False and bool(result.get("error"))

@@ -6,6 +6,8 @@ Publishing goes on at a steady rate for the whole scenario, faults included; a p
 raises is recorded as such (the caller was told), never retried behind the caller's back.
 
 Prints one JSON object: {"publishes": [[n, task_id or null, sent_at, error or null], ...]}.
+With ``--results``: reads task ids from stdin, prints {"results": {task_id: result or null}}
+(the stored result of each task that succeeded).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import time
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--results", action="store_true", help="read stored results instead")
+    parser.add_argument("--run")
+    parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--first", type=int, default=0, help="ledger number of the first task")
     parser.add_argument(
         "--rate", type=float, default=0.0, help="publishes per second (0 = flat out)"
@@ -35,6 +38,15 @@ def main() -> int:
 
     from fleetapp.celery import app  # the app's own configuration, as a client uses it
 
+    if args.results:
+        results = {}
+        for task_id in sys.stdin.read().split():
+            stored = app.AsyncResult(task_id)
+            results[task_id] = stored.result if stored.state == "SUCCESS" else None
+        json.dump({"results": results}, sys.stdout)
+        return 0
+    if not args.run or args.count <= 0:
+        parser.error("--run and --count are required")
     publishes: list[tuple[int, str | None, float, str | None]] = []
     started = time.monotonic()
     for i in range(args.count):

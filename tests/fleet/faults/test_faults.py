@@ -598,7 +598,11 @@ def test_secret_rotation_under_load_fails_nothing_and_loses_nothing():
         lambda: None, at=0
     )
     assert after.lost == [] and after.raised == 0, after
-    refused = [entry for entry in acl_log() if entry.get("reason") == "auth"]
+    refused = [
+        f"{entry.get('username')} from {entry.get('client-info')}"
+        for entry in acl_log()
+        if entry.get("reason") == "auth"
+    ]
     assert not refused, refused
 
     new = {name: secret(name) for name in ROTATED}
