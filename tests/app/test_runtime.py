@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import replace
 from urllib.parse import quote
 
 from fleettest.commands import BIN, run
@@ -139,3 +140,28 @@ def test_a_result_stored_while_the_client_resubscribes_reaches_it(redis_server):
     """Fix 7: a result stored between the reconnect's read and its new subscription is not lost."""
     proc = run_with_redis(RESULT_DURING_RESUBSCRIBE, redis_server, 6, "RESUBSCRIBE_BACKEND_URL")
     assert proc.stdout.split("\n")[0] == "[1, 2] [2]"
+
+
+WRONG_PASSWORD = """
+import os, time
+from celery import Celery
+
+url = os.environ["WRONG_PASSWORD_URL"]
+app = Celery(broker=url, backend=url)
+started = time.monotonic()
+try:
+    app.send_task("fleetapp.add", args=[1, 2])
+    print("sent")
+except Exception as exc:
+    print(round(time.monotonic() - started), type(exc).__name__, exc)
+"""
+
+
+def test_a_refused_password_is_named_at_once(redis_server):
+    """Fix 8: a wrong password raises at once, naming the user, not a result-store retry limit
+    after about 15 s (Celery took the refusal for a lost connection)."""
+    wrong = replace(redis_server, password="not-" + redis_server.password)
+    proc = run_with_redis(WRONG_PASSWORD, wrong, 7, "WRONG_PASSWORD_URL")
+    seconds, _, message = proc.stdout.strip().partition(" ")
+    assert int(seconds) < 3, proc.stdout
+    assert f"Redis refused the password of user '{redis_server.username}'" in message, message

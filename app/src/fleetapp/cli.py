@@ -380,8 +380,12 @@ def _classify_unexpected(exc: BaseException) -> int | None:
     import kombu.exceptions
     import redis.exceptions
 
-    if isinstance(exc, redis.exceptions.AuthenticationError):
-        return EXIT_AUTH
+    # kombu wraps a refused password in its OperationalError: look down the causes.
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, redis.exceptions.AuthenticationError):
+            return EXIT_AUTH
+        cause = cause.__cause__
     if isinstance(exc, RuntimeError) and "result store" in str(exc):
         return EXIT_BROKER_DOWN  # Celery's result consumer gave up reconnecting
     if isinstance(

@@ -42,6 +42,12 @@ API; each names the upstream code it corrects, so it can go when upstream fixes 
    stores a result in that window; seen in CI, most likely through it: 6 of 400 URLs of
    ``fleetapp fetch`` timed out after a Redis restart). Fixed: the stored results are read once
    more after the subscription (a result both read and heard is taken once).
+8. A client whose Redis password is wrong (a stale env file, a rotation it slept through)
+   waited about 15 s in ``send_task`` and then got ``RuntimeError: Retry limit exceeded while
+   trying to reconnect to the Celery result store backend``: Celery's result consumer takes
+   redis-py's ``AuthenticationError`` (a ``ConnectionError``) for a lost connection and retries
+   it. Redis never accepts a refused password later, so it is raised at once, as an
+   ``AuthenticationError`` that names the user and where its password comes from.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ def apply() -> None:
     _patch_redis_ack()
     _patch_out_of_memory_is_transient()
     _patch_result_resubscribe()
+    _patch_result_auth_fails_fast()
     _applied = True
 
 
@@ -217,3 +224,44 @@ def _patch_result_resubscribe() -> None:
                     self.on_state_change(self._decode_result(meta), None)
 
     ResultConsumer._reconnect_pubsub = _reconnect_pubsub
+
+
+def refused_password(exc: Exception, username: str | None) -> Exception:
+    """The error a client gets when Redis refuses its password: who, and where it came from."""
+    from redis.exceptions import AuthenticationError
+
+    return AuthenticationError(
+        f"Redis refused the password of user {username or 'default'!r} ({exc}): the application's"
+        " settings (CELERY_RESULT_BACKEND / CELERY_BROKER_URL, on a fleet host"
+        " /etc/celery-fleet/app.env) hold a password Redis does not accept; deploy again"
+        " (site.yml), or finish playbooks/rotate-secrets.yml"
+    )
+
+
+def _patch_result_auth_fails_fast() -> None:
+    import contextlib
+    import importlib
+    from collections.abc import Iterator
+
+    from redis.exceptions import AuthenticationError
+
+    # Not in celery-types' stubs.
+    asynchronous: Any = importlib.import_module("celery.backends.asynchronous")
+
+    # Celery 5.7's own, with the refused password raised before the reconnection attempts.
+    @contextlib.contextmanager
+    def reconnect_on_error(self: Any) -> Iterator[None]:
+        try:
+            yield
+        except TimeoutError:  # socket.timeout: drain_events(timeout=N) polling, not an error
+            raise
+        except AuthenticationError as exc:
+            raise refused_password(exc, self.backend.connparams.get("username")) from exc
+        except self._connection_errors:
+            try:
+                self._reconnect()
+            except self._connection_errors as exc:
+                logger.critical(asynchronous.E_RETRY_LIMIT_EXCEEDED)
+                raise RuntimeError(asynchronous.E_RETRY_LIMIT_EXCEEDED) from exc
+
+    asynchronous.BaseResultConsumer.reconnect_on_error = reconnect_on_error
