@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 from fleetapp.celeryconfig import celery_config
 from fleetapp.config import load_settings
 
@@ -27,3 +29,17 @@ def crash(marker: str) -> None:
 @app.task(name="poison.echo")
 def echo(value: int) -> int:
     return value
+
+
+@app.task(bind=True, name="poison.retry_once", acks_late=True)
+def retry_once(self: Task[Any, Any], marker: str, go: str) -> str:
+    """First start: wait for the test's go (it makes Redis refuse writes), then retry. After that:
+    done. A retry whose publish failed must not lose the task (celery_fleet.patches, fix 9)."""
+    with Path(marker).open("a") as starts:
+        starts.write(f"{self.request.retries}\n")
+    if len(Path(marker).read_text().split()) > 1:
+        return "done"
+    deadline = time.monotonic() + 30
+    while not Path(go).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    raise self.retry(countdown=0)

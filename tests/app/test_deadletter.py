@@ -75,3 +75,51 @@ def test_a_bad_max_task_starts_is_a_configuration_error(redis_server, empty_env_
     )
     assert proc.returncode == 3
     assert "FLEET_MAX_TASK_STARTS" in proc.stderr
+
+
+@pytest.mark.timeout(150)
+def test_a_retry_that_cannot_be_published_keeps_its_task(redis_server, empty_env_file, tmp_path):
+    """Celery's Task.retry rejects the running message *without requeue* when publishing the
+    retry fails (celery/app/task.py: ``raise Reject(exc, requeue=False)``), so the task is gone:
+    neither the retry nor the original exists. Redis refuses writes (maxmemory) while the task
+    retries; once it accepts them again, the task runs again (celery_fleet.patches, fix 9)."""
+    env = fleet_env(redis_server, empty_env_file, db=DB, FLEET_VISIBILITY_TIMEOUT="10")
+    client = redis.Redis(
+        port=redis_server.port,
+        db=DB,
+        username=redis_server.username,
+        password=redis_server.password,
+    )
+    client.flushdb()
+    worker = start_worker(env, tmp_path, "retry", queues="default", cwd=HERE, app="poison")
+    marker, go = tmp_path / "starts", tmp_path / "go"
+    try:
+        wait_ready(worker)
+        send = [str(BIN / "fleet-celery"), "-A", "poison", "call", "--queue", "default"]
+        task = run(
+            [*send, "poison.retry_once", "--args", json.dumps([str(marker), str(go)])],
+            cwd=HERE,
+            env=env,
+        )
+        assert task.returncode == 0, task.stderr
+        wait_for(marker.exists, 30, "the task to start")
+        client.config_set("maxmemory", 1)  # every write refused (noeviction): OOM
+        try:
+            go.touch()
+            # The retry's publish is tried (and retried) and fails; the task ends.
+            wait_for(lambda: "celery.exceptions.Reject" in worker.text(), 30, "the retry to fail")
+            time.sleep(5)
+        finally:
+            client.config_set("maxmemory", 0)
+        wait_for(lambda: len(marker.read_text().split()) >= 2, 60, "the task to run again")
+        result = run(
+            [str(BIN / "fleet-celery"), "-A", "poison", "result", task.stdout.strip()],
+            cwd=HERE,
+            env=env,
+            timeout=30,
+        )
+        assert result.stdout.strip() == "done", result.stderr
+    finally:
+        worker.stop()
+        client.flushdb()
+        client.close()

@@ -48,6 +48,12 @@ API; each names the upstream code it corrects, so it can go when upstream fixes 
    redis-py's ``AuthenticationError`` (a ``ConnectionError``) for a lost connection and retries
    it. Redis never accepts a refused password later, so it is raised at once, as an
    ``AuthenticationError`` that names the user and where its password comes from.
+9. ``Task.retry`` publishes the retry and, when that publish fails (Redis unreachable, out of
+   memory, a partition), raises ``Reject(requeue=False)`` (celery/app/task.py): the running
+   message is acknowledged and dropped, and the retry was never stored, so the task is gone.
+   tests/app/test_deadletter.py makes Redis refuse writes while a task retries: it never ran
+   again. Fixed: the message goes back to its queue (``requeue=True``) and runs again; a retry
+   that can never be published ends in the dead-letter list after FLEET_MAX_TASK_STARTS.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ def apply() -> None:
     _patch_out_of_memory_is_transient()
     _patch_result_resubscribe()
     _patch_result_auth_fails_fast()
+    _patch_retry_publish_failure_requeues()
     _applied = True
 
 
@@ -265,3 +272,29 @@ def _patch_result_auth_fails_fast() -> None:
                 raise RuntimeError(asynchronous.E_RETRY_LIMIT_EXCEEDED) from exc
 
     asynchronous.BaseResultConsumer.reconnect_on_error = reconnect_on_error
+
+
+def _patch_retry_publish_failure_requeues() -> None:
+    from celery.app.task import Task
+    from celery.exceptions import Reject
+
+    original = Task.retry
+
+    def retry(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except Reject as rejected:
+            # Only the Reject of a failed publish: its reason is the publish's exception.
+            # (Reject's attributes are not in the type stubs.)
+            reason, requeue = getattr(rejected, "reason", None), getattr(rejected, "requeue", None)
+            if requeue or not isinstance(reason, Exception):
+                raise
+            logger.warning(
+                "retry of %s[%s] could not be published (%r): the task goes back to its queue",
+                self.name,
+                self.request.id,
+                reason,
+            )
+            raise Reject(reason, requeue=True) from rejected
+
+    Task.retry = retry  # type: ignore[method-assign]
