@@ -165,3 +165,23 @@ def test_a_refused_password_is_named_at_once(redis_server):
     seconds, _, message = proc.stdout.strip().partition(" ")
     assert int(seconds) < 3, proc.stdout
     assert f"Redis refused the password of user '{redis_server.username}'" in message, message
+
+
+CONF_CENSORED = """
+import io, logging
+from celery import Celery
+kombu_log = io.StringIO()
+logging.getLogger("kombu").addHandler(logging.StreamHandler(kombu_log))
+app = Celery("censor", broker="rediss://worker:s3cret@127.0.0.1:1/0")
+# What a worker answers to the conf control command (Flower sends it when it starts).
+print(app.conf.table(with_defaults=False, censored=True)["broker_url"])
+print(repr(kombu_log.getvalue()))
+"""
+
+
+def test_a_worker_read_remotely_masks_its_broker_url_without_a_false_tls_warning():
+    """Fix 10: the conf command masks the broker URL without building a kombu Connection, which
+    logged "defaulting to insecure SSL behaviour" for a rediss:// URL (no connection was made)."""
+    proc = run([str(BIN / "fleet-python"), "-c", CONF_CENSORED])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["rediss://worker:********@127.0.0.1:1/0", "''"]

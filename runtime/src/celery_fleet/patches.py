@@ -54,6 +54,12 @@ API; each names the upstream code it corrects, so it can go when upstream fixes 
    tests/app/test_deadletter.py makes Redis refuse writes while a task retries: it never ran
    again. Fixed: the message goes back to its queue (``requeue=True``) and runs again; a retry
    that can never be published ends in the dead-letter list after FLEET_MAX_TASK_STARTS.
+10. Each time a worker's configuration is read remotely (the ``conf`` control command, which
+    Flower sends when it starts), Celery masks the broker URL by building a kombu
+    ``Connection`` from it alone; for a ``rediss://`` URL kombu then logs "Secure redis scheme
+    specified (rediss) with no ssl options, defaulting to insecure SSL behaviour" although no
+    connection is made (seen in every worker's journal on the lab). A security warning that is
+    false hides a true one: the broker URLs are masked like the backend's (``sanitize_url``).
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ def apply() -> None:
     _patch_result_resubscribe()
     _patch_result_auth_fails_fast()
     _patch_retry_publish_failure_requeues()
+    _patch_conf_censor_without_connection()
     _applied = True
 
 
@@ -298,3 +305,20 @@ def _patch_retry_publish_failure_requeues() -> None:
             raise Reject(reason, requeue=True) from rejected
 
     Task.retry = retry  # type: ignore[method-assign]
+
+
+def _patch_conf_censor_without_connection() -> None:
+    from celery.app import utils as app_utils
+
+    original = app_utils.filter_hidden_settings
+    sanitize_url = app_utils.sanitize_url  # type: ignore[attr-defined]  # not in the stubs
+    broker_urls = ("broker_url", "broker_read_url", "broker_write_url")
+
+    def filter_hidden_settings(conf: Any) -> Any:
+        urls = {key: value for key, value in conf.items() if str(key).lower() in broker_urls}
+        rest = original({key: value for key, value in conf.items() if key not in urls})
+        masked = {key: sanitize_url(value) for key, value in urls.items()}
+        return {**rest, **masked}
+
+    # Read from the module's globals by Settings.table (the conf command).
+    app_utils.filter_hidden_settings = filter_hidden_settings
