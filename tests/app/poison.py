@@ -43,3 +43,11 @@ def retry_once(self: Task[Any, Any], marker: str, go: str) -> str:
     while not Path(go).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     raise self.retry(countdown=0)
+
+
+@app.task(bind=True, name="poison.retry_unserializable", acks_late=True)
+def retry_unserializable(self: Task[Any, Any], marker: str) -> None:
+    """A retry that can never be published (its arguments are not JSON): it must not loop."""
+    with Path(marker).open("a") as starts:
+        starts.write(f"{self.request.retries}\n")
+    raise self.retry(args=(marker, object()))

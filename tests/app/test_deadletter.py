@@ -123,3 +123,27 @@ def test_a_retry_that_cannot_be_published_keeps_its_task(redis_server, empty_env
         worker.stop()
         client.flushdb()
         client.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_retry_that_can_never_be_published_does_not_loop(redis_server, empty_env_file, tmp_path):
+    """Fix 9 requeues only when the publish failed for a reason that passes: a retry whose
+    arguments do not serialize keeps Celery's reject, or its task would run again forever."""
+    env = fleet_env(redis_server, empty_env_file, db=DB, FLEET_VISIBILITY_TIMEOUT="10")
+    worker = start_worker(env, tmp_path, "noloop", queues="default", cwd=HERE, app="poison")
+    marker = tmp_path / "starts"
+    try:
+        wait_ready(worker)
+        send = [str(BIN / "fleet-celery"), "-A", "poison", "call", "--queue", "default"]
+        task = run(
+            [*send, "poison.retry_unserializable", "--args", json.dumps([str(marker)])],
+            cwd=HERE,
+            env=env,
+        )
+        assert task.returncode == 0, task.stderr
+        wait_for(marker.exists, 30, "the task to start")
+        time.sleep(15)  # more than a lease: a requeued task would have started again by now
+        assert marker.read_text().split() == ["0"], worker.text()[-3000:]
+        assert "could not be published" not in worker.text()
+    finally:
+        worker.stop()

@@ -176,6 +176,8 @@ app = Celery("censor", broker="rediss://worker:s3cret@127.0.0.1:1/0")
 # What a worker answers to the conf control command (Flower sends it when it starts).
 print(app.conf.table(with_defaults=False, censored=True)["broker_url"])
 print(repr(kombu_log.getvalue()))
+app.conf.broker_url = ["rediss://worker:s3cret@h1:6379/0", "rediss://worker:s3cret@h2:6379/0"]
+print(app.conf.table(with_defaults=False, censored=True)["broker_url"])
 """
 
 
@@ -184,4 +186,8 @@ def test_a_worker_read_remotely_masks_its_broker_url_without_a_false_tls_warning
     logged "defaulting to insecure SSL behaviour" for a rediss:// URL (no connection was made)."""
     proc = run([str(BIN / "fleet-python"), "-c", CONF_CENSORED])
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["rediss://worker:********@127.0.0.1:1/0", "''"]
+    assert proc.stdout.splitlines() == [
+        "rediss://worker:********@127.0.0.1:1/0",
+        "''",
+        "['rediss://worker:********@h1:6379/0', 'rediss://worker:********@h2:6379/0']",
+    ]

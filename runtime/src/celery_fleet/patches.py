@@ -52,8 +52,10 @@ API; each names the upstream code it corrects, so it can go when upstream fixes 
    memory, a partition), raises ``Reject(requeue=False)`` (celery/app/task.py): the running
    message is acknowledged and dropped, and the retry was never stored, so the task is gone.
    tests/app/test_deadletter.py makes Redis refuse writes while a task retries: it never ran
-   again. Fixed: the message goes back to its queue (``requeue=True``) and runs again; a retry
-   that can never be published ends in the dead-letter list after FLEET_MAX_TASK_STARTS.
+   again. Fixed: when the publish failed for a reason that passes (the broker unreachable, out
+   of memory or disk) and the task is acknowledged late, the message goes back to its queue
+   (``requeue=True``) and runs again. Any other failure (arguments that do not serialize) keeps
+   Celery's reject: requeued, it would fail the same way forever.
 10. Each time a worker's configuration is read remotely (the ``conf`` control command, which
     Flower sends when it starts), Celery masks the broker URL by building a kombu
     ``Connection`` from it alone; for a ``rediss://`` URL kombu then logs "Secure redis scheme
@@ -284,7 +286,20 @@ def _patch_result_auth_fails_fast() -> None:
 def _patch_retry_publish_failure_requeues() -> None:
     from celery.app.task import Task
     from celery.exceptions import Reject
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import OutOfMemoryError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    # What passes: the broker away or refusing writes for now. A publish that can never succeed
+    # (arguments that do not serialize) keeps Celery's reject, or it would run again forever.
+    transient = (
+        OperationalError,
+        RedisConnectionError,
+        RedisTimeoutError,
+        OutOfMemoryError,
+        PersistenceError,
+    )
     original = Task.retry
 
     def retry(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -292,9 +307,14 @@ def _patch_retry_publish_failure_requeues() -> None:
             return original(self, *args, **kwargs)
         except Reject as rejected:
             # Only the Reject of a failed publish: its reason is the publish's exception.
-            # (Reject's attributes are not in the type stubs.)
+            # (Reject's attributes are not in the type stubs.) A task acknowledged when it
+            # started cannot go back to its queue: it keeps Celery's outcome (a failure).
             reason, requeue = getattr(rejected, "reason", None), getattr(rejected, "requeue", None)
-            if requeue or not isinstance(reason, Exception):
+            if (
+                requeue
+                or not isinstance(reason, transient)
+                or not getattr(self, "acks_late", False)
+            ):
                 raise
             logger.warning(
                 "retry of %s[%s] could not be published (%r): the task goes back to its queue",
@@ -314,11 +334,23 @@ def _patch_conf_censor_without_connection() -> None:
     sanitize_url = app_utils.sanitize_url  # type: ignore[attr-defined]  # not in the stubs
     broker_urls = ("broker_url", "broker_read_url", "broker_write_url")
 
+    def masked(value: Any) -> Any:
+        if isinstance(value, str):
+            return sanitize_url(value)
+        if isinstance(value, list | tuple):  # failover: each URL masked
+            return type(value)(masked(url) for url in value)
+        return value
+
+    def urls_only(value: Any) -> bool:
+        if isinstance(value, list | tuple):
+            return all(isinstance(url, str) for url in value)
+        return isinstance(value, str)
+
     def filter_hidden_settings(conf: Any) -> Any:
-        urls = {key: value for key, value in conf.items() if str(key).lower() in broker_urls}
+        # Strings and lists of them only; anything else goes through Celery's own filter.
+        urls = {k: v for k, v in conf.items() if str(k).lower() in broker_urls and urls_only(v)}
         rest = original({key: value for key, value in conf.items() if key not in urls})
-        masked = {key: sanitize_url(value) for key, value in urls.items()}
-        return {**rest, **masked}
+        return {**rest, **{key: masked(value) for key, value in urls.items()}}
 
     # Read from the module's globals by Settings.table (the conf command).
     app_utils.filter_hidden_settings = filter_hidden_settings

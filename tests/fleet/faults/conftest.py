@@ -75,6 +75,8 @@ class Scenario:
     queue: str | None = None
     # Publishing stops early once this file exists on client1 (count is then a ceiling).
     stop_file: str | None = None
+    # The fault cuts a worker off from the webfarm: a fetch may time out (stored, not lost).
+    fetches_may_fail: bool = False
 
     def run(
         self,
@@ -122,6 +124,7 @@ class Scenario:
         publishes = json.loads(result.stdout)["publishes"]
         row = drain(self.name, run_id, publishes, drain_timeout)
         REPORTS.append(row)
+        assert self.fetches_may_fail or not row.failed, f"fetches failed: {row}"
         return row
 
 

@@ -8,7 +8,8 @@ One case needs the task's stored result: a fetch the fault itself made fail (the
 off from the webfarm for longer than the fetch's timeout). The task ran and reported "timeout"
 (its answer, if the request arrives at all, finds the connection closed). Such a token counts
 as "failed" instead of lost only when the worker stored exactly that: a result with ``ok``
-false. A result cannot be stored for a task that never ran, so a lost task stays lost.
+false and a network failure. A result cannot be stored for a task that never ran, so a lost
+task stays lost; scenarios that do not cut a worker off also require none failed.
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ def report(
     )
 
 
+# What a fault between a worker and the webfarm makes of a fetch (fleetapp.fetching.classify);
+# any other failure (a refused address, a bad URL) is a fault of the fleet: the task counts lost.
+NETWORK_FAILURES = frozenset({"timeout", "connect_timeout", "connection"})
+
+
 def fetch_failed(result: Any) -> bool:
-    """A stored fetch_url result that reports a failed fetch (the task ran to its end)."""
-    return isinstance(result, dict) and result.get("ok") is False and bool(result.get("error"))
+    """A stored fetch_url result that reports a fetch the network failed (the task ran)."""
+    if not isinstance(result, dict) or result.get("ok") is not False:
+        return False
+    error = result.get("error")
+    return isinstance(error, dict) and error.get("code") in NETWORK_FAILURES
