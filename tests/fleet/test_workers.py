@@ -102,6 +102,13 @@ def test_stop_timeout_exceeds_task_time_limit(host, queue):
 
 
 @pytest.mark.parametrize("queue", QUEUES)
+def test_open_files_limit_holds_a_socket_per_greenlet(host, queue):
+    """systemd's default soft limit (1024) would cap a gevent pool of 1,000 running fetches."""
+    props = show(host, f"celery-worker@{queue}.service", "LimitNOFILESoft")
+    assert int(props["LimitNOFILESoft"]) >= 65536
+
+
+@pytest.mark.parametrize("queue", QUEUES)
 def test_instance_config(host, queue):
     env = host.file(f"/etc/celery-fleet/worker-{queue}.env")
     assert env.is_file

@@ -1,0 +1,357 @@
+"""`make bench`: the deployed fleet against the tutorial's deployment, on the lab, in one run.
+
+Both deployments serve the same app (fleetapp) on the same worker hosts at the same time:
+
+* the fleet's: what site.yml deployed (the ``network`` queue on gevent, ``default`` on prefork);
+* the tutorial's: its worker command line, ``celery worker -P prefork -c 5``, one per worker
+  host consuming the app's queues, started for its turn with ``systemd-run`` as the app's user
+  while the fleet's workers are stopped (``celery.target``); they start again afterwards. It
+  runs through ``fleet-celery``: the fleet admits no connection without TLS and a Redis user,
+  so the two differ in pool, concurrency and prefetch, not in security.
+
+Each benchmark runs the fleet's side, then the tutorial's, on the same hosts in the same run.
+
+Benchmarks (a table each, then a summary; raw numbers in .build/bench/, a chart beside them):
+
+1. fan-out: N webfarm URLs whose delays are uniform in 1-2 s (N = 5 is the tutorial's five
+   URLs), from client1 with ``fleetapp.fanout.fetch_many``. Makespan, R = makespan / slowest
+   single fetch, speed-up of the fleet over the tutorial's deployment. The webfarm's own
+   ceiling (N concurrent GETs from client1, no Celery) is measured first.
+2. tiny tasks: ``fleetapp.add`` sent one by one and as a group; publish and end-to-end rates,
+   and E = fleet tasks/s / redis-benchmark LPUSH+RPOP ops/s from client1 (a throwaway Redis
+   user for the few seconds it runs: redis-benchmark takes a password only on its command line).
+3. deploy: site.yml as the run finds the lab (on a fresh lab: the whole deploy), then its
+   idempotent re-run (changed=0), both timed.
+
+Not a test: it reports. BENCH_SIZE=full adds N = 5,000 and 10,000 tiny tasks; BENCH_ONLY=fanout
+(or tiny, deploy; comma-separated) runs only those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / ".build" / "bench"
+BIN = REPO / ".venv" / "bin"
+SECRETS = Path(os.environ.get("HOME", "/root")) / ".celery-fleet" / "secrets" / "lab"
+FULL = os.environ.get("BENCH_SIZE", "small") == "full"
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "fanout,tiny,deploy").split(",")))
+CLIENT = "client1"
+REDIS = "redis1"
+WORKERS = ("worker1", "worker2")
+WEBFARM = "http://198.18.0.1:8080"
+REMOTE_DIR = "/usr/local/lib/fleet-bench"
+APP_PYTHON = "/usr/local/bin/fleet-python"
+# The app as deployed (roles/fleet defaults): its venv, user and environment files.
+VENV = "/opt/celery-fleet/venv"
+APP_USER = "celery"
+APP_ENV = "/etc/celery-fleet/app.env"
+TLS_CA = "/etc/celery-fleet/tls/ca.crt"
+TUTORIAL_UNIT = "fleet-bench-tutorial"
+APP_QUEUES = "network,default"
+FANOUT_SIZES = [5, 100, 1000] + ([5000] if FULL else [])
+# The tutorial's deployment takes ~N x 1.5 s / 10 processes: beyond 1,000 it would run minutes.
+TUTORIAL_FANOUT_MAX = 1000
+TINY_COUNT = 10_000 if FULL else 2_000
+
+console = Console(width=120)
+
+
+def lab_exec(
+    host: str, command: str, *, input: str | None = None, timeout: float = 1800
+) -> subprocess.CompletedProcess[str]:
+    """A shell command inside a lab machine; secrets go through stdin, never the command."""
+    result = subprocess.run(
+        [str(BIN / "lab"), "exec", host, "--", "sh", "-c", command],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{host}$ {command} -> {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def on_client(*args: str, input: str | None = None) -> dict[str, Any]:
+    out = lab_exec(CLIENT, f"{APP_PYTHON} {REMOTE_DIR}/onclient.py {' '.join(args)}", input=input)
+    return dict(json.loads(out.stdout))
+
+
+def redis_admin(*commands: str) -> list[str]:
+    """redis-cli commands as the admin user on the Redis host (password on stdin)."""
+    script = "read -r REDISCLI_AUTH; export REDISCLI_AUTH; " + "; ".join(
+        f"redis-cli --tls --cacert {TLS_CA} --no-auth-warning --user admin {c}" for c in commands
+    )
+    secret = (SECRETS / "redis-admin").read_text().strip()
+    return lab_exec(REDIS, script, input=secret + "\n").stdout.split("\n")
+
+
+# -- the tutorial's deployment ---------------------------------------------------------------
+
+
+def start_tutorial() -> None:
+    """The fleet's workers stop; the tutorial's take the app's queues."""
+    for host in WORKERS:
+        lab_exec(
+            host,
+            f"systemctl stop celery.target; systemctl stop {TUTORIAL_UNIT} 2>/dev/null;"
+            f" systemctl reset-failed {TUTORIAL_UNIT} 2>/dev/null;"
+            f" systemd-run --unit={TUTORIAL_UNIT} --uid={APP_USER} --gid={APP_USER}"
+            f" --property=EnvironmentFile={APP_ENV} --working-directory=/tmp"
+            f" {VENV}/bin/fleet-celery --app=fleetapp.celery:app worker --pool=prefork"
+            f" --concurrency=5 --queues={APP_QUEUES} --hostname=tutorial@{host}"
+            " --loglevel=INFO --without-mingle --without-gossip",
+        )
+    deadline = time.monotonic() + 120
+    for host in WORKERS:
+        while "ready." not in lab_exec(host, f"journalctl -u {TUTORIAL_UNIT} -o cat").stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the tutorial's worker on {host} did not start")
+            time.sleep(1)
+
+
+def stop_tutorial() -> None:
+    """Back to the fleet's own workers."""
+    for host in WORKERS:
+        lab_exec(host, f"systemctl stop {TUTORIAL_UNIT} 2>/dev/null; systemctl start celery.target")
+
+
+# -- benchmarks ------------------------------------------------------------------------------
+
+
+def urls_for(n: int, seed: int) -> list[str]:
+    if n == 5:
+        return [f"{WEBFARM}/tutorial/{i}" for i in range(1, 6)]
+    rng = random.Random(seed)
+    return [f"{WEBFARM}/delay/{rng.uniform(1.0, 2.0):.3f}?n={i}" for i in range(n)]
+
+
+def webfarm_ceiling() -> list[dict[str, Any]]:
+    return [
+        on_client("farm", f"--count={n}", "--delay=1", f"--webfarm={WEBFARM}")
+        for n in FANOUT_SIZES
+        if n > 5
+    ]
+
+
+def bench_fanout(side: str) -> dict[int, dict[str, Any]]:
+    rows = {}
+    for n in FANOUT_SIZES:
+        if side == "tutorial" and n > TUTORIAL_FANOUT_MAX:
+            continue
+        path = f"{REMOTE_DIR}/urls-{n}.txt"
+        lab_exec(CLIENT, f"cat > {path}", input="\n".join(urls_for(n, seed=n)) + "\n")
+        rows[n] = result = on_client("fanout", f"--urls={path}")
+        console.print(
+            f"fan-out N={n}, {side}'s deployment: {result['makespan']:.1f} s"
+            f" ({result['ok']}/{n} ok)"
+        )
+    return rows
+
+
+def bench_tiny(side: str) -> dict[str, dict[str, Any]]:
+    rows = {}
+    for mode in ("one", "group"):
+        rows[mode] = result = on_client("tiny", f"--count={TINY_COUNT}", f"--mode={mode}")
+        console.print(
+            f"tiny tasks ({mode}), {side}'s deployment: {result['end_to_end_per_s']:.0f}"
+            f" tasks/s end to end, publish {result['publish_per_s']:.0f}/s"
+        )
+    return rows
+
+
+def measure(side: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "fanout" in ONLY:
+        out["fanout"] = bench_fanout(side)
+    if "tiny" in ONLY:
+        out["tiny"] = bench_tiny(side)
+    return out
+
+
+def redis_benchmark() -> dict[str, float]:
+    """LPUSH and RPOP ops/s from the client host, as a throwaway user confined to its keys."""
+    lab_exec(
+        CLIENT,
+        "command -v redis-benchmark >/dev/null || "
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends"
+        " redis-tools >/dev/null",
+    )
+    password = secrets.token_hex(16)
+    redis_admin(f"ACL SETUSER bench on '>{password}' '~mylist*' +lpush +rpop +ping")
+    try:
+        out = lab_exec(
+            CLIENT,
+            # read: the password stays out of this script's text (it is on the command line of
+            # redis-benchmark for its few seconds, the reason for the throwaway user).
+            "read -r PW; redis-benchmark -h 198.18.0.10 -p 6379 --tls"
+            f' --cacert {TLS_CA} --user bench -a "$PW" -t lpush,rpop -n 100000 -c 50 -d 800'
+            " --csv 2>/dev/null",
+            input=password + "\n",
+        ).stdout
+    finally:
+        redis_admin("ACL DELUSER bench")
+    rates = {}
+    for line in out.splitlines():
+        match = re.match(r'"(LPUSH|RPOP)[^"]*","([\d.]+)"', line)
+        if match:
+            rates[match.group(1).lower()] = float(match.group(2))
+    return rates
+
+
+def deploy() -> dict[str, Any]:
+    """One site.yml run, timed (the lab's inventory is ansible.cfg's default)."""
+    started = time.monotonic()
+    run = subprocess.run(
+        [str(BIN / "ansible-playbook"), "site.yml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"site.yml failed:\n{run.stdout[-3000:]}")
+    changed = sum(int(n) for n in re.findall(r"changed=(\d+)", run.stdout))
+    return {"seconds": time.monotonic() - started, "changed": changed}
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def report(results: dict[str, Any]) -> None:
+    if "fanout" in ONLY:
+        report_fanout(results)
+    if "tiny" in ONLY:
+        report_tiny(results)
+    if "deploy" in results:
+        first, again = results["deploy"]["converge"], results["deploy"]["idempotent"]
+        console.print(
+            f"site.yml: converge {first['seconds']:.1f} s (changed={first['changed']}),"
+            f" idempotent re-run {again['seconds']:.1f} s (changed={again['changed']})"
+        )
+
+
+def ratio(result: dict[str, Any]) -> float:
+    """R: makespan over the slowest single fetch (1.0 = as fast as fanning out can be)."""
+    return float(result["makespan"]) / max(float(result["slowest_fetch"]), 1e-9)
+
+
+def report_fanout(results: dict[str, Any]) -> None:
+    fan = Table(title="Fan-out: N webfarm URLs (delays 1-2 s) from client1")
+    for column in ("N", "fleet makespan", "R fleet", "tutorial makespan", "R tutorial", "speed-up"):
+        fan.add_column(column, justify="right")
+    tutorial_rows = results["tutorial"]["fanout"]
+    for n, fleet in results["fleet"]["fanout"].items():
+        cells = [str(n), f"{fleet['makespan']:.2f} s", f"{ratio(fleet):.2f}"]
+        tutorial = tutorial_rows.get(n)
+        if tutorial:
+            speedup = tutorial["makespan"] / fleet["makespan"]
+            cells += [f"{tutorial['makespan']:.2f} s", f"{ratio(tutorial):.2f}", f"{speedup:.1f}x"]
+        else:
+            cells += ["-", "-", "-"]
+        fan.add_row(*cells)
+    console.print(fan)
+    farm = Table(title="The webfarm's ceiling: N concurrent GETs of /delay/1 from client1")
+    for column in ("N", "makespan", "slowest"):
+        farm.add_column(column, justify="right")
+    for row in results["webfarm"]:
+        farm.add_row(str(row["count"]), f"{row['makespan']:.2f} s", f"{row['slowest']:.2f} s")
+    console.print(farm)
+
+
+def report_tiny(results: dict[str, Any]) -> None:
+    tiny = Table(title=f"Tiny tasks: {TINY_COUNT} fleetapp.add from client1")
+    for column in ("sent", "deployment", "publish/s", "end to end tasks/s", "E"):
+        tiny.add_column(column, justify="right")
+    bench = results["redis_benchmark"]
+    ops = (bench.get("lpush", 0) + bench.get("rpop", 0)) / 2 or None
+    for mode in ("one", "group"):
+        for side in ("fleet", "tutorial"):
+            row = results[side]["tiny"][mode]
+            e = f"{row['end_to_end_per_s'] / ops:.4f}" if ops else "-"
+            tiny.add_row(
+                "one by one" if mode == "one" else "as a group",
+                side,
+                f"{row['publish_per_s']:.0f}",
+                f"{row['end_to_end_per_s']:.0f}",
+                e,
+            )
+    console.print(tiny)
+    console.print(
+        f"redis-benchmark from client1 (TLS, 50 clients, 800-byte values): LPUSH"
+        f" {bench.get('lpush', 0):.0f} ops/s, RPOP {bench.get('rpop', 0):.0f} ops/s"
+    )
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for side, marker in (("fleet", "o"), ("tutorial", "s")):
+        points = sorted((int(n), r["makespan"]) for n, r in results[side]["fanout"].items())
+        ax.plot(*zip(*points, strict=True), marker=marker, label=f"{side}'s deployment")
+    ax.axhline(2.0, color="grey", linestyle=":", label="slowest single fetch (2 s)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("URLs fetched (N)")
+    ax.set_ylabel("makespan (s)")
+    ax.set_title(f"Fan-out on the lab ({time.strftime('%Y-%m-%d')})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "full": FULL}
+    if "deploy" in ONLY:
+        # As the run finds the lab (fresh: the whole deploy), then the idempotent re-run.
+        results["deploy"] = {"converge": deploy(), "idempotent": deploy()}
+    lab_exec(
+        CLIENT,
+        f"install -d {REMOTE_DIR} && cat > {REMOTE_DIR}/onclient.py",
+        input=(Path(__file__).parent / "onclient.py").read_text(),
+    )
+    if ONLY & {"fanout", "tiny"}:
+        if "fanout" in ONLY:
+            results["webfarm"] = webfarm_ceiling()
+        if "tiny" in ONLY:
+            results["redis_benchmark"] = redis_benchmark()
+        results["fleet"] = measure("fleet")
+        start_tutorial()
+        try:
+            results["tutorial"] = measure("tutorial")
+        finally:
+            stop_tutorial()
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
+    payload = json.dumps(results, indent=2)
+    (OUT / f"{stamp}.json").write_text(payload)
+    (OUT / "latest.json").write_text(payload)
+    report(results)
+    if "fanout" in ONLY:
+        chart(results, OUT / "fanout.png")
+    console.print(f"raw numbers: {OUT / 'latest.json'}; chart: {OUT / 'fanout.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
