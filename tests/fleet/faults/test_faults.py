@@ -8,6 +8,7 @@ table; the README's "Guarantees" says which scenarios may produce them.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -616,3 +617,36 @@ def test_secret_rotation_under_load_fails_nothing_and_loses_nothing():
     assert all(before != now for before, now in zip(keys_before, keys_after, strict=True))
     assert served_public_keys() == keys_after  # Redis and Flower serve the new keys
     assert not list(SECRETS.glob("*.previous")) and not list(SECRETS.glob("*.next"))
+
+
+# The Redis service tasks alone (the ACL users applied to the running server), preflight included.
+REDIS_SERVICE_ONLY = ("--limit", "redis1", "--tags", "redis_service")
+
+
+def test_a_resumed_rotation_does_not_restart_redis():
+    """A rotation that stopped after Redis took the new users and forgot the old passwords
+    leaves its .previous files behind; the next run tries those first. The role probes which
+    admin password Redis knows and applies the users without a restart (Redis' MainPID stays),
+    at the cost of the probe's one refused AUTH in Redis' ACL log."""
+    stale = SECRETS / "redis-admin.previous"
+    assert not stale.exists()
+    redis_pid = on("redis1", "systemctl show -P MainPID redis-server").stdout.strip()
+    redis_cli("ACL LOG RESET")
+    # A previous admin password the running Redis does not know (it forgot it, or never had it).
+    stale_password = secrets.token_hex(16)
+    stale.write_text(stale_password + "\n")
+    stale.chmod(0o600)
+    try:
+        result = playbook("site.yml", *REDIS_SERVICE_ONLY)
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert on("redis1", "systemctl show -P MainPID redis-server").stdout.strip() == redis_pid
+        refused = [
+            (e.get("username"), e.get("count")) for e in acl_log() if e.get("reason") == "auth"
+        ]
+        assert refused == [("admin", 1)], refused
+    finally:
+        stale.unlink(missing_ok=True)
+        # Redis forgets the stale password again.
+        assert playbook("site.yml", *REDIS_SERVICE_ONLY).returncode == 0
+    assert redis_accepts({"admin": secret("redis-admin")}) == ["accepted"]
+    assert redis_accepts({"admin": stale_password}) == ["refused"]
