@@ -17,6 +17,20 @@ HERE = Path(__file__).resolve().parent
 DB = 3
 
 
+def call(env: dict[str, str], task: str, *args: object) -> str:
+    """Send a task of the poison app to the default queue with `celery call`; its id."""
+    command = [str(BIN / "fleet-celery"), "-A", "poison", "call", "--queue", "default", task]
+    sent = run([*command, "--args", json.dumps(list(args))], cwd=HERE, env=env)
+    assert sent.returncode == 0, sent.stderr
+    return sent.stdout.strip()
+
+
+def result_of(env: dict[str, str], task_id: str) -> str:
+    """The stored result of a poison task (`celery result`), as printed."""
+    command = [str(BIN / "fleet-celery"), "-A", "poison", "result", task_id]
+    return run(command, cwd=HERE, env=env, timeout=30).stdout.strip()
+
+
 @pytest.mark.timeout(120)
 def test_a_poison_pill_is_parked_and_the_doctor_lists_it(redis_server, empty_env_file, tmp_path):
     env = fleet_env(redis_server, empty_env_file, db=DB, FLEET_MAX_TASK_STARTS="3")
@@ -32,10 +46,7 @@ def test_a_poison_pill_is_parked_and_the_doctor_lists_it(redis_server, empty_env
     marker = tmp_path / "starts"
     try:
         wait_ready(worker)
-        send = [str(BIN / "fleet-celery"), "-A", "poison", "call", "--queue", "default"]
-        crash = [*send, "poison.crash", "--args", json.dumps([str(marker)])]
-        task_id = run(crash, cwd=HERE, env=env)
-        assert task_id.returncode == 0, task_id.stderr
+        task_id = call(env, "poison.crash", str(marker))
 
         wait_for(lambda: client.llen("_fleet.dead.default") == 1, 60, "the task to be parked")
         time.sleep(3)  # had it gone back to the queue, it would have started again by now
@@ -43,19 +54,12 @@ def test_a_poison_pill_is_parked_and_the_doctor_lists_it(redis_server, empty_env
         assert len(starts) == 3, f"started {len(starts)} times, not FLEET_MAX_TASK_STARTS"
         assert client.llen("default") == 0 and client.hlen("unacked") == 0
         parked = json.loads(client.lindex("_fleet.dead.default", 0))
-        assert parked["headers"]["id"] == task_id.stdout.strip()
+        assert parked["headers"]["id"] == task_id
         assert not client.exists(f"_fleet.starts.{parked['headers']['id']}")
         assert "parked poison.crash" in worker.text()
 
         # The worker goes on serving.
-        echo = run([*send, "poison.echo", "--args", "[7]"], cwd=HERE, env=env)
-        result = run(
-            [str(BIN / "fleet-celery"), "-A", "poison", "result", echo.stdout.strip()],
-            cwd=HERE,
-            env=env,
-            timeout=30,
-        )
-        assert result.stdout.strip() == "7", result.stderr
+        assert result_of(env, call(env, "poison.echo", 7)) == "7"
 
         doctor = run([str(BIN / "fleet-doctor"), "-A", "poison", "--json"], cwd=HERE, env=env)
         report = json.loads(doctor.stdout)
@@ -95,13 +99,7 @@ def test_a_retry_that_cannot_be_published_keeps_its_task(redis_server, empty_env
     marker, go = tmp_path / "starts", tmp_path / "go"
     try:
         wait_ready(worker)
-        send = [str(BIN / "fleet-celery"), "-A", "poison", "call", "--queue", "default"]
-        task = run(
-            [*send, "poison.retry_once", "--args", json.dumps([str(marker), str(go)])],
-            cwd=HERE,
-            env=env,
-        )
-        assert task.returncode == 0, task.stderr
+        task_id = call(env, "poison.retry_once", str(marker), str(go))
         wait_for(marker.exists, 30, "the task to start")
         client.config_set("maxmemory", 1)  # every write refused (noeviction): OOM
         try:
@@ -112,13 +110,7 @@ def test_a_retry_that_cannot_be_published_keeps_its_task(redis_server, empty_env
         finally:
             client.config_set("maxmemory", 0)
         wait_for(lambda: len(marker.read_text().split()) >= 2, 60, "the task to run again")
-        result = run(
-            [str(BIN / "fleet-celery"), "-A", "poison", "result", task.stdout.strip()],
-            cwd=HERE,
-            env=env,
-            timeout=30,
-        )
-        assert result.stdout.strip() == "done", result.stderr
+        assert result_of(env, task_id) == "done"
     finally:
         worker.stop()
         client.flushdb()
@@ -134,13 +126,7 @@ def test_a_retry_that_can_never_be_published_does_not_loop(redis_server, empty_e
     marker = tmp_path / "starts"
     try:
         wait_ready(worker)
-        send = [str(BIN / "fleet-celery"), "-A", "poison", "call", "--queue", "default"]
-        task = run(
-            [*send, "poison.retry_unserializable", "--args", json.dumps([str(marker)])],
-            cwd=HERE,
-            env=env,
-        )
-        assert task.returncode == 0, task.stderr
+        call(env, "poison.retry_unserializable", str(marker))
         wait_for(marker.exists, 30, "the task to start")
         time.sleep(15)  # more than a lease: a requeued task would have started again by now
         assert marker.read_text().split() == ["0"], worker.text()[-3000:]
