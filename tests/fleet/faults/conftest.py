@@ -154,11 +154,12 @@ def drain(name: str, run_id: str, publishes: list[list[Any]], timeout: float) ->
     """Wait until everything returned has run and Redis holds nothing, then settle."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not report(name, publishes, ledger(run_id)).lost and redis_holds() == 0:
-            break
-        # Redis holds nothing, yet some have no answer: done if each has run and failed.
-        if redis_holds() == 0 and not with_results(name, publishes, run_id).lost:
-            break
+        if redis_holds() == 0:
+            if not report(name, publishes, ledger(run_id)).lost:
+                break
+            # Redis holds nothing, yet some have no answer: done if each has run and failed.
+            if not with_results(name, publishes, run_id).lost:
+                break
         time.sleep(2)
     # Late duplicates (a redelivery of something that already ran) would show up now: one lease
     # keeper tick (3 s in the lab) and one task.
