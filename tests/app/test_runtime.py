@@ -93,6 +93,68 @@ def test_a_pop_whose_answer_was_lost_is_moved_back_to_its_queue(redis_server):
     ]
 
 
+LOST_RECORD_REPLY = """
+import os, time
+from types import SimpleNamespace
+import redis
+from celery import Celery
+from kombu import Queue
+from redis.client import Pipeline
+from celery_fleet import lease, transport
+
+url = os.environ["LOST_REPLY_BROKER_URL"]
+inspect = redis.Redis.from_url(url)
+app = Celery(broker=url)
+app.conf.broker_transport_options = {"visibility_timeout": 30, "priority_steps": [0]}
+transport.Channel.atomic_pop = True
+execute = Pipeline.execute
+
+def run_then_lose_the_reply(pipe, *args, **kwargs):
+    if not any(command[0] == "LREM" for command, _ in pipe.command_stack):
+        return execute(pipe, *args, **kwargs)
+    # A Redis restart at the wrong moment: the transaction that records the delivery reaches
+    # the server and runs there; the connection closes before its reply is read.
+    conn = pipe.connection_pool.get_connection("MULTI")
+    commands = [("MULTI",), *(command for command, _ in pipe.command_stack), ("EXEC",)]
+    conn.send_packed_command(conn.pack_commands(commands))
+    time.sleep(0.2)
+    conn.disconnect()
+    raise redis.ConnectionError("Connection closed by server.")
+
+Pipeline.execute = run_then_lose_the_reply
+received = []
+with app.connection_for_read() as conn:
+    channel = conn.channel()
+    keeper = lease.LeaseKeeper(app)
+    keeper.consumer = SimpleNamespace(
+        hostname="lost-reply@test", task_consumer=SimpleNamespace(channel=channel, queues=[])
+    )
+    lease._keeper = keeper  # what a worker's start does (celeryd_init)
+    queue = Queue("lostreply", routing_key="lostreply")
+    conn.Producer(channel).publish({"n": 1}, routing_key="lostreply", declare=[queue])
+    channel.basic_consume("lostreply", False, received.append, "lost-reply-test")
+    channel.client.connection = channel.client.connection_pool.get_connection("_")
+    channel._brpop_start()
+    try:
+        channel._brpop_read()
+    except redis.ConnectionError as exc:
+        print(type(exc).__name__, len(received), inspect.hlen("unacked"), inspect.llen("lostreply"))
+    time.sleep(keeper.renew_every + 0.5)
+    keeper.tick()
+    print(inspect.hlen("unacked"), inspect.llen("lostreply"))
+"""
+
+
+def test_a_delivery_whose_record_lost_its_reply_is_requeued_at_the_next_renewal(redis_server):
+    """The record in unacked ran on the server, its reply was lost: the message reached no
+    task and is in no queue. The lease keeper requeues it at its next renewal, not a lease on."""
+    proc = run_with_redis(LOST_RECORD_REPLY, redis_server, 8, "LOST_REPLY_BROKER_URL")
+    assert [line.split() for line in proc.stdout.splitlines()] == [
+        ["ConnectionError", "0", "1", "0"],
+        ["0", "1"],
+    ]
+
+
 RESULT_DURING_RESUBSCRIBE = """
 import os, threading, time, uuid
 import redis

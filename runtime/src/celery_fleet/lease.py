@@ -14,7 +14,10 @@ worker, with a Redis connection of its own:
   reconnection), with the Redis server's clock;
 * gives back at once what this worker held and let go without acknowledging: the messages
   Celery drops when its connection is lost, and tasks cancelled, whose messages it requeues,
-  provided the stamp is still the one it wrote (nobody else took the message since);
+  provided the stamp is still the one it wrote (nobody else took the message since). It knows
+  every stamp from the moment it is written (``stamped``), not from its first renewal: a
+  delivery whose record in ``unacked`` ran on a Redis that restarted before answering is in
+  no queue and reached no task, and would otherwise wait a whole lease;
 * delivers acknowledgements that could not reach Redis (celery_fleet.patches, fix 5);
 * sweeps for expired leases itself, so a busy gevent worker sweeps too;
 * fences: when it has not renewed for three quarters of the lease (Redis unreachable for that
@@ -51,11 +54,26 @@ _deferred_acks: set[str] = set()
 # celery_fleet.transport), with when it let them go: the keeper moves their messages back to the
 # queue for a while, since a BLMOVE lost in a partition may still reach Redis after that.
 _closed_processing: dict[str, float] = {}
+# Deliveries this worker stamped in unacked and has not settled yet: tag -> (the stamp, when,
+# on this host's monotonic clock). Written by the consumer, taken over by the keeper's next
+# tick once a renewal old (a fresh one may still be on its way to Celery).
+_stamped: dict[str, tuple[float, float]] = {}
 _keeper: LeaseKeeper | None = None
 
 
 def defer_ack(delivery_tag: str) -> None:
     _deferred_acks.add(delivery_tag)
+
+
+def stamped(delivery_tag: str, stamp: float) -> None:
+    """Called before the delivery's record is sent: whatever happens to its reply."""
+    if _keeper is not None:
+        _stamped[delivery_tag] = (stamp, time.monotonic())
+
+
+def settled(delivery_tag: str) -> None:
+    """Acknowledged, rejected or requeued: nothing left for the keeper to give back."""
+    _stamped.pop(delivery_tag, None)
 
 
 def forget_processing(processing_key: str) -> None:
@@ -246,6 +264,7 @@ class LeaseKeeper:
                 self._owned.pop(tag, None)
             logger.info("lease keeper: delivered %d deferred acknowledgement(s)", len(acks))
 
+        self._take_over_stamps()
         held = self.held()
         let_go = [tag for tag in self._owned if tag not in held]
         requeued = sum(self._requeue_if_ours(channel, tag, self._owned.pop(tag)) for tag in let_go)
@@ -263,6 +282,12 @@ class LeaseKeeper:
 
         channel.qos.restore_visible(num=None, interval=1)
         self._reclaim_processing(channel)
+
+    def _take_over_stamps(self) -> None:
+        settled_before = time.monotonic() - self.renew_every
+        for tag, (stamp, at) in list(_stamped.items()):
+            if at < settled_before and _stamped.pop(tag, None) is not None:
+                self._owned[tag] = stamp
 
     def _announce(self, channel: Any, now: float | None = None) -> None:
         """Write this worker's registry entry; drop those of workers gone for a lease."""

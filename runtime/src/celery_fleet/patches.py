@@ -166,6 +166,8 @@ def _patch_redis_ack() -> None:
     from celery_fleet import lease
 
     def remove(qos: Any, delivery_tag: str) -> None:
+        # Removed now or by the keeper: either way not a message to give back.
+        lease.settled(delivery_tag)
         if qos.channel.closed:
             lease.defer_ack(delivery_tag)
             return
@@ -185,6 +187,7 @@ def _patch_redis_ack() -> None:
         elif not self.channel.closed:
             try:
                 self.restore_by_tag(delivery_tag, leftmost=True)
+                lease.settled(delivery_tag)
             except Exception as exc:
                 # Still in unacked and no longer held here: the keeper requeues it.
                 logger.warning("requeue of %s left to the lease keeper (%r)", delivery_tag, exc)

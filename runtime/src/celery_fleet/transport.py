@@ -88,19 +88,28 @@ class QoS(kombu_redis.QoS):
     channel: Channel  # only the Channel below creates this QoS
 
     def append(self, message: Any, delivery_tag: str) -> None:
+        # kombu's append, and for a message popped into a processing list, out of that list in
+        # the same transaction.
         popped = self.channel._fleet_popped.pop(delivery_tag, None)
-        if popped is None:
-            return super().append(message, delivery_tag)
-        processing_key, raw = popped
         delivery = message.delivery_info
+        # kombu_redis.time: kombu's `from time import time` (patched to clock.now), not stubbed.
+        stamp = kombu_redis.time()  # type: ignore[attr-defined]
+        if self.channel.atomic_pop:
+            # Known to the lease keeper first: a Redis that restarts may run the transaction
+            # below and never answer, leaving the message recorded here and delivered nowhere.
+            from celery_fleet import lease  # lease imports this module
+
+            lease.stamped(delivery_tag, stamp)
         with self.pipe_or_acquire() as pipe:
-            # One transaction: recorded as unacknowledged and out of the processing list.
-            # kombu_redis.time: kombu's `from time import time` (patched to clock.now), not stubbed.
-            pipe.zadd(self.unacked_index_key, {delivery_tag: kombu_redis.time()}).hset(  # type: ignore[attr-defined]
+            pipe.zadd(self.unacked_index_key, {delivery_tag: stamp}).hset(
                 self.unacked_key,
                 delivery_tag,
                 dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
-            ).lrem(processing_key, 1, raw).execute()
+            )
+            if popped is not None:
+                processing_key, raw = popped
+                pipe.lrem(processing_key, 1, raw)
+            pipe.execute()
         VirtualQoS.append(self, message, delivery_tag)
 
     def restore_visible(self, start: int = 0, num: int | None = 10, interval: int = 10) -> None:
