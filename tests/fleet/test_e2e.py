@@ -4,17 +4,20 @@ the firewall, and scaling out and in."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
 import requests
 
 from tests.conftest import lab, lab_status, on, ssh
-from tests.fleet.conftest import CA_CERT, TLS_DIR, playbook, secret
+from tests.fleet.conftest import CA_CERT, KEY_PREFIX, TLS_DIR, playbook, secret
+from tests.fleet.faults.conftest import redis_cli
 
 pytestmark = pytest.mark.timeout(900)
 
 WEB = "http://198.18.0.1:8080"
+TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def address(name: str) -> str:
@@ -30,7 +33,30 @@ def flower(path: str, auth: bool = True) -> requests.Response:
 def fetch_from_client(urls: list[str], *extra: str) -> dict:
     result = ssh("client1", " ".join(["fleetapp", "fetch", "--json", *extra, *urls]), timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    if report.get("failed"):
+        print(where_tasks_are(report))
+    return report
+
+
+def where_tasks_are(report: dict) -> str:
+    """For a failed fan-out: what the workers' journals and Redis say of the failed tasks, so
+    that a failure on a run whose lab is gone explains itself."""
+    failed = [r for r in report["results"] if not r["ok"]]
+    lines = [f"failed results: {json.dumps(failed)[:2000]}"]
+    task_ids = TASK_ID.findall(json.dumps(failed))
+    for host in ("worker1", "worker2"):
+        for task_id in task_ids:
+            grep = on(host, f"journalctl --no-pager -o short-precise | grep -F {task_id} | tail")
+            lines.append(f"{host} {task_id}: {grep.stdout.strip() or '(nothing)'}")
+    p = KEY_PREFIX
+    indexed = redis_cli(f"HKEYS {p}_fleet.processing")
+    scanned = redis_cli(f"--scan --pattern '{p}_fleet.processing.*'")
+    for key in sorted(set(indexed) | set(scanned)):
+        lines.append(f"processing list {key} (indexed: {key in indexed}): {redis_cli(f'LLEN {key}')}")
+    queues = redis_cli(f"LLEN {p}network", f"LLEN {p}default", f"HLEN {p}unacked")
+    lines.append(f"LLEN network, default; HLEN unacked: {queues}")
+    return "\n".join(lines)
 
 
 def workers_that_ran(report: dict) -> set[str]:

@@ -131,8 +131,11 @@ def fetch_many(
     if pending:
         # Nobody is waiting any more: don't let stragglers run later for nothing.
         group_result.revoke()
-        for sent_url in pending.values():
-            yield _error_result(sent_url, "timeout", f"no result within {timeout:g} s")
+        for task_id, sent_url in pending.items():
+            # The task's id lets a person find it (Flower, the workers' journals).
+            yield _error_result(
+                sent_url, "timeout", f"no result within {timeout:g} s (task {task_id})"
+            )
     group_result.forget()
 
 
