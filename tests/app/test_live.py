@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import time
 from pathlib import Path
 
@@ -40,6 +41,14 @@ def test_fanout_fetches_on_the_network_workers(client_app, webfarm):
     assert by_url[f"{webfarm.url}/status/404"]["error"]["code"] == "http_status"
     assert by_url[f"{webfarm.url}/bytes/3000"]["bytes"] == 3000
     assert sum(1 for r in results if r["ok"]) == 11
+
+
+def test_a_fan_out_that_times_out_names_each_unanswered_task(client_app, webfarm):
+    # The page never answers, so the fetch outlives the fan-out's own deadline.
+    [result] = fetch_many([f"{webfarm.url}/hang"], timeout=1, fetch_timeout=5, app=client_app)
+    assert result["error"]["code"] == "timeout" and result["worker"] == "?"
+    task_id = re.search(r"\(task ([0-9a-f-]{36})\)", result["error"]["message"])
+    assert task_id, result
 
 
 def test_client_side_validation_enqueues_nothing(client_app, redis_server):
