@@ -49,18 +49,25 @@ def run_with_redis(
     return proc
 
 
-UNANSWERED_POP = """
+# A worker's broker channel over the local Redis (WORKER_CHANNEL_BROKER_URL), with the fleet's
+# atomic pop; `inspect` reads Redis beside it.
+WORKER_CHANNEL = """
 import os, time
 import redis
 from celery import Celery
 from kombu import Queue
 from celery_fleet import lease, transport
 
-url = os.environ["UNANSWERED_BROKER_URL"]
+url = os.environ["WORKER_CHANNEL_BROKER_URL"]
 inspect = redis.Redis.from_url(url)
 app = Celery(broker=url)
 app.conf.broker_transport_options = {"visibility_timeout": 30, "priority_steps": [0]}
 transport.Channel.atomic_pop = True
+"""
+
+UNANSWERED_POP = (
+    WORKER_CHANNEL
+    + """
 with app.connection_for_read() as conn:
     channel = conn.channel()
     queue = Queue("unanswered", routing_key="unanswered")
@@ -82,31 +89,24 @@ with app.connection_for_read() as conn:
     keeper._reclaim_processing(keeper._channel())
     print(inspect.llen(first), inspect.llen("unanswered"))
 """
+)
 
 
 def test_a_pop_whose_answer_was_lost_is_moved_back_to_its_queue(redis_server):
     """A BLMOVE the server ran but whose reply never came (a partition) strands no message."""
-    proc = run_with_redis(UNANSWERED_POP, redis_server, 5, "UNANSWERED_BROKER_URL")
+    proc = run_with_redis(UNANSWERED_POP, redis_server, 5, "WORKER_CHANNEL_BROKER_URL")
     assert [line.split() for line in proc.stdout.splitlines()] == [
         ["1", "True", "True"],
         ["0", "1"],
     ]
 
 
-LOST_RECORD_REPLY = """
-import os, time
+LOST_RECORD_REPLY = (
+    WORKER_CHANNEL
+    + """
 from types import SimpleNamespace
-import redis
-from celery import Celery
-from kombu import Queue
 from redis.client import Pipeline
-from celery_fleet import lease, transport
 
-url = os.environ["LOST_REPLY_BROKER_URL"]
-inspect = redis.Redis.from_url(url)
-app = Celery(broker=url)
-app.conf.broker_transport_options = {"visibility_timeout": 30, "priority_steps": [0]}
-transport.Channel.atomic_pop = True
 execute = Pipeline.execute
 
 def run_then_lose_the_reply(pipe, *args, **kwargs):
@@ -143,12 +143,13 @@ with app.connection_for_read() as conn:
     keeper.tick()
     print(inspect.hlen("unacked"), inspect.llen("lostreply"))
 """
+)
 
 
 def test_a_delivery_whose_record_lost_its_reply_is_requeued_at_the_next_renewal(redis_server):
     """The record in unacked ran on the server, its reply was lost: the message reached no
     task and is in no queue. The lease keeper requeues it at its next renewal, not a lease on."""
-    proc = run_with_redis(LOST_RECORD_REPLY, redis_server, 8, "LOST_REPLY_BROKER_URL")
+    proc = run_with_redis(LOST_RECORD_REPLY, redis_server, 8, "WORKER_CHANNEL_BROKER_URL")
     assert [line.split() for line in proc.stdout.splitlines()] == [
         ["ConnectionError", "0", "1", "0"],
         ["0", "1"],
