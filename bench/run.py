@@ -21,7 +21,8 @@ Benchmarks (a table each, then a summary; raw numbers in .build/bench/, a chart 
    and E = fleet tasks/s / redis-benchmark LPUSH+RPOP ops/s from client1 (a throwaway Redis
    user for the few seconds it runs: redis-benchmark takes a password only on its command line).
 3. deploy: site.yml as the run finds the lab (on a fresh lab: the whole deploy), then its
-   idempotent re-run (changed=0), both timed.
+   idempotent re-run (changed=0), then adding a worker as the README says (worker3, retired and
+   removed afterwards); each timed as a whole and per play.
 
 Not a test: it reports. BENCH_SIZE=full adds N = 5,000 and 10,000 tiny tasks; BENCH_ONLY=fanout
 (or tiny, deploy; comma-separated) runs only those.
@@ -37,6 +38,7 @@ import secrets
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,8 @@ FANOUT_SIZES = [5, 100, 1000] + ([5000] if FULL else [])
 # The tutorial's deployment takes ~N x 1.5 s / 10 processes: beyond 1,000 it would run minutes.
 TUTORIAL_FANOUT_MAX = 1000
 TINY_COUNT = 10_000 if FULL else 2_000
+NEW_WORKER = "worker3"
+WORKER_PLAY = "Deploy Celery workers"  # playbooks/workers.yml
 
 console = Console(width=120)
 
@@ -164,13 +168,34 @@ def bench_fanout(side: str) -> dict[int, dict[str, Any]]:
     return rows
 
 
+def redis_calls() -> dict[str, int]:
+    """Commands Redis has run since it started, per command (INFO commandstats)."""
+    calls = {}
+    for line in redis_admin("INFO commandstats"):
+        match = re.match(r"cmdstat_([a-z|_-]+):calls=(\d+)", line.strip())
+        if match:
+            calls[match.group(1)] = int(match.group(2))
+    return calls
+
+
 def bench_tiny(side: str) -> dict[str, dict[str, Any]]:
+    """Each mode timed from client1, with what Redis ran for it (the whole fleet's commands
+    over the run, per task: the round trips a task costs)."""
     rows = {}
     for mode in ("one", "group"):
+        before = redis_calls()
         rows[mode] = result = on_client("tiny", f"--count={TINY_COUNT}", f"--mode={mode}")
+        after = redis_calls()
+        per_task = {
+            name: (after[name] - before.get(name, 0)) / TINY_COUNT
+            for name in after
+            if after[name] > before.get(name, 0)
+        }
+        result["redis_commands_per_task"] = dict(sorted(per_task.items(), key=lambda kv: -kv[1]))
         console.print(
             f"tiny tasks ({mode}), {side}'s deployment: {result['end_to_end_per_s']:.0f}"
-            f" tasks/s end to end, publish {result['publish_per_s']:.0f}/s"
+            f" tasks/s end to end, publish {result['publish_per_s']:.0f}/s,"
+            f" {sum(per_task.values()):.1f} Redis commands per task"
         )
     return rows
 
@@ -214,21 +239,51 @@ def redis_benchmark() -> dict[str, float]:
     return rates
 
 
-def deploy() -> dict[str, Any]:
-    """One site.yml run, timed (the lab's inventory is ansible.cfg's default)."""
+def deploy(*args: str) -> dict[str, Any]:
+    """One ansible-playbook run (site.yml unless args say otherwise), timed as a whole and per
+    play (ansible.posix.json's play durations); the lab's inventory is ansible.cfg's default."""
     started = time.monotonic()
     run = subprocess.run(
-        [str(BIN / "ansible-playbook"), "site.yml"],
+        [str(BIN / "ansible-playbook"), *(args or ("site.yml",))],
         cwd=REPO,
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+        env={
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
+        },
     )
+    seconds = time.monotonic() - started
     if run.returncode != 0:
-        raise RuntimeError(f"site.yml failed:\n{run.stdout[-3000:]}")
-    changed = sum(int(n) for n in re.findall(r"changed=(\d+)", run.stdout))
-    return {"seconds": time.monotonic() - started, "changed": changed}
+        raise RuntimeError(f"{' '.join(args)} failed:\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
+    report = json.loads(run.stdout)
+    plays: dict[str, float] = {}
+    for play in report["plays"]:
+        name, duration = play["play"]["name"], play["play"]["duration"]
+        if "end" not in duration:  # a play whose hosts --limit left out
+            continue
+        start, end = (datetime.fromisoformat(duration[key]) for key in ("start", "end"))
+        plays[name] = plays.get(name, 0.0) + (end - start).total_seconds()
+    changed = sum(stats["changed"] for stats in report["stats"].values())
+    return {"seconds": seconds, "changed": changed, "plays": plays}
+
+
+def add_worker() -> dict[str, Any]:
+    """Scale out as the README says (`lab add worker3`, then site.yml --limit worker3,redis),
+    timed; the worker play of that run is the deploy of that one host from nothing. worker3 is
+    retired and removed afterwards, so the lab is as the benchmark found it."""
+    lab = str(BIN / "lab")
+    subprocess.run([lab, "add", NEW_WORKER], check=True, capture_output=True)
+    try:
+        run = deploy("site.yml", "--limit", f"{NEW_WORKER},redis")
+        deploy("playbooks/retire-worker.yml", "-e", f"host={NEW_WORKER}")
+    finally:
+        # Also after a failed deploy: the next run of site.yml closes Redis' firewall to it.
+        subprocess.run([lab, "remove", NEW_WORKER], check=True, capture_output=True)
+    run["one_host"] = run["plays"][WORKER_PLAY]
+    return run
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -240,11 +295,41 @@ def report(results: dict[str, Any]) -> None:
     if "tiny" in ONLY:
         report_tiny(results)
     if "deploy" in results:
-        first, again = results["deploy"]["converge"], results["deploy"]["idempotent"]
-        console.print(
-            f"site.yml: converge {first['seconds']:.1f} s (changed={first['changed']}),"
-            f" idempotent re-run {again['seconds']:.1f} s (changed={again['changed']})"
-        )
+        report_deploy(results["deploy"])
+
+
+def report_deploy(results: dict[str, Any]) -> None:
+    table = Table(title="Deploy: ansible-playbook on the lab's hosts")
+    for column in ("run", "hosts", "seconds", "changed"):
+        table.add_column(column, justify="right")
+    first, again, add = results["converge"], results["idempotent"], results["add"]
+    table.add_row(
+        "site.yml as found (fresh lab: converge)",
+        "5",
+        f"{first['seconds']:.1f}",
+        str(first["changed"]),
+    )
+    table.add_row(
+        "site.yml again (idempotent)", "5", f"{again['seconds']:.1f}", str(again["changed"])
+    )
+    table.add_row(
+        f"add {NEW_WORKER}: site.yml --limit {NEW_WORKER},redis",
+        "2",
+        f"{add['seconds']:.1f}",
+        str(add["changed"]),
+    )
+    table.add_row(
+        f"  of which {NEW_WORKER}'s own deploy (the workers play)",
+        "1",
+        f"{add['one_host']:.1f}",
+        "-",
+    )
+    console.print(table)
+    console.print(
+        f"adding a worker / a one-host deploy: {add['seconds'] / add['one_host']:.2f}x;"
+        f" idempotent re-run per play: "
+        + ", ".join(f"{name} {secs:.1f} s" for name, secs in again["plays"].items())
+    )
 
 
 def ratio(result: dict[str, Any]) -> float:
@@ -293,6 +378,12 @@ def report_tiny(results: dict[str, Any]) -> None:
                 e,
             )
     console.print(tiny)
+    one = results["fleet"]["tiny"]["one"].get("redis_commands_per_task", {})
+    console.print(
+        f"Redis commands per task, fleet, one by one: {sum(one.values()):.1f} ("
+        + ", ".join(f"{name} {n:.1f}" for name, n in one.items() if n >= 0.5)
+        + ")"
+    )
     console.print(
         f"redis-benchmark from client1 (TLS, 50 clients, 800-byte values): LPUSH"
         f" {bench.get('lpush', 0):.0f} ops/s, RPOP {bench.get('rpop', 0):.0f} ops/s"
@@ -325,7 +416,7 @@ def main() -> int:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "full": FULL}
     if "deploy" in ONLY:
         # As the run finds the lab (fresh: the whole deploy), then the idempotent re-run.
-        results["deploy"] = {"converge": deploy(), "idempotent": deploy()}
+        results["deploy"] = {"converge": deploy(), "idempotent": deploy(), "add": add_worker()}
     lab_exec(
         CLIENT,
         f"install -d {REMOTE_DIR} && cat > {REMOTE_DIR}/onclient.py",
