@@ -53,7 +53,8 @@ def where_tasks_are(report: dict) -> str:
     indexed = redis_cli(f"HKEYS {p}_fleet.processing")
     scanned = redis_cli(f"--scan --pattern '{p}_fleet.processing.*'")
     for key in sorted(set(indexed) | set(scanned)):
-        lines.append(f"processing list {key} (indexed: {key in indexed}): {redis_cli(f'LLEN {key}')}")
+        length = redis_cli(f"LLEN {key}")
+        lines.append(f"processing list {key} (indexed: {key in indexed}): {length}")
     queues = redis_cli(f"LLEN {p}network", f"LLEN {p}default", f"HLEN {p}unacked")
     lines.append(f"LLEN network, default; HLEN unacked: {queues}")
     return "\n".join(lines)
