@@ -31,6 +31,13 @@ def echo(value: int) -> int:
     return value
 
 
+@app.task(name="poison.hold")
+def hold(seconds: float) -> float:
+    """Holds its worker's only slot (solo pool: the consumer loop too)."""
+    time.sleep(seconds)
+    return seconds
+
+
 @app.task(bind=True, name="poison.retry_once", acks_late=True)
 def retry_once(self: Task[Any, Any], marker: str, go: str) -> str:
     """First start: wait for the test's go (it makes Redis refuse writes), then retry. After that:

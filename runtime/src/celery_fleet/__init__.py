@@ -5,8 +5,9 @@ it before the application is imported; it changes no application code. ``activat
 Celery app the fleet's settings as defaults (:mod:`celery_fleet.config`), applies the fixes in
 :mod:`celery_fleet.patches` and :mod:`celery_fleet.transport`, and, in a worker, adds the lease
 keeper (:mod:`celery_fleet.lease`) to the consumer, obeys only the remote-control commands the
-deployment enables (:mod:`celery_fleet.control`) and parks tasks that keep killing their
-worker (:mod:`celery_fleet.deadletter`).
+deployment enables (:mod:`celery_fleet.control`), parks tasks that keep killing their
+worker (:mod:`celery_fleet.deadletter`) and feeds systemd's watchdog while the consumer consumes
+(:mod:`celery_fleet.watchdog`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ __all__ = ["__version__", "activate"]
 
 def activate() -> None:
     """Apply the fleet's fixes and hooks to this process (idempotent)."""
-    from celery_fleet import config, control, deadletter, lease, patches, transport
+    from celery_fleet import config, control, deadletter, lease, patches, transport, watchdog
 
     config.fleet_settings()  # a bad FLEET_* value fails here, in one line, not at first use
     control.allowed()
@@ -28,3 +29,4 @@ def activate() -> None:
     lease.install()
     deadletter.install()
     control.install()
+    watchdog.install()
