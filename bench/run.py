@@ -296,6 +296,42 @@ def report(results: dict[str, Any]) -> None:
         report_tiny(results)
     if "deploy" in results:
         report_deploy(results["deploy"])
+    report_summary(results)
+
+
+def report_summary(results: dict[str, Any]) -> None:
+    """The goals of issue 10 against this run: what is met, what is not."""
+    rows: list[tuple[str, str, float | None, bool | None]] = []
+
+    def fanout(side: str) -> dict[str, Any]:
+        return {str(n): row for n, row in results.get(side, {}).get("fanout", {}).items()}
+
+    fleet, tutorial = fanout("fleet").get("1000"), fanout("tutorial").get("1000")
+    if fleet:
+        rows.append(("fan-out N=1,000: R", "<= 1.3", ratio(fleet), ratio(fleet) <= 1.3))
+    if fleet and tutorial:
+        speedup = tutorial["makespan"] / fleet["makespan"]
+        rows.append(("fan-out N=1,000: fleet speed-up", ">= 40x", speedup, speedup >= 40))
+    if "tiny" in results.get("fleet", {}) and "tiny" in results.get("tutorial", {}):
+        mine = results["fleet"]["tiny"]["one"]["end_to_end_per_s"]
+        theirs = results["tutorial"]["tiny"]["one"]["end_to_end_per_s"]
+        rows.append(("tiny tasks: fleet / tutorial", ">= 1.0", mine / theirs, mine >= theirs))
+        bench = results.get("redis_benchmark", {})
+        ops = (bench.get("lpush", 0) + bench.get("rpop", 0)) / 2
+        if ops:
+            rows.append(("tiny tasks: E", ">= 0.02", mine / ops, mine / ops >= 0.02))
+    if "deploy" in results:
+        again, add = results["deploy"]["idempotent"], results["deploy"]["add"]
+        rows.append(("idempotent site.yml, s", "<= 15", again["seconds"], again["seconds"] <= 15))
+        share = add["seconds"] / add["one_host"]
+        rows.append(("adding a worker / one-host deploy", "<= 1.2x", share, share <= 1.2))
+    table = Table(title="Summary: the goals against this run")
+    for column in ("measure", "goal", "measured", "met"):
+        table.add_column(column, justify="right")
+    for name, goal, value, met in rows:
+        shown = "-" if value is None else f"{value:.3g}"
+        table.add_row(name, goal, shown, "yes" if met else "no")
+    console.print(table)
 
 
 def report_deploy(results: dict[str, Any]) -> None:
