@@ -17,32 +17,41 @@ from tests.fleet.test_workers import seconds
 
 pytestmark = pytest.mark.timeout(600)
 
+UNIT = "celery-worker@network"
+
+
+def wait_until(host: str, command: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while on(host, command, check=False).returncode != 0:
+        assert time.monotonic() < deadline, f"{host}: not within {timeout:g} s: {command}"
+        time.sleep(0.5)
+
+
+def wait_ready(host: str, since: str) -> None:
+    """The network worker on host has logged " ready." since that time (date +%s)."""
+    journal = f"journalctl -u {UNIT} --since @{since} --no-pager"
+    wait_until(host, f"{journal} | grep -q ' ready\\.'", 60)
+
 
 def test_a_worker_cut_off_from_redis_still_stops_cleanly():
     redis = on("redis1", "hostname -I").stdout.split()[0]
-    unit = "celery-worker@network"
     # Only worker2 loses Redis: packets vanish, as in a partition (no refusal to react to).
     on("worker2", f"ip route add blackhole {redis}/32")
     try:
         time.sleep(30)  # long enough for the worker to notice and start reconnecting
-        on("worker2", f"systemctl stop {unit}", timeout=400)
+        on("worker2", f"systemctl stop {UNIT}", timeout=400)
         # A warm shutdown that finished by itself, not one systemd had to SIGKILL at
         # TimeoutStopSec (the task time limit plus a margin).
-        assert on("worker2", f"systemctl show -p Result --value {unit}").stdout.strip() == "success"
+        assert on("worker2", f"systemctl show -p Result --value {UNIT}").stdout.strip() == "success"
     finally:
         on("worker2", f"ip route del blackhole {redis}/32")
         since = on("worker2", "date +%s").stdout.strip()
-        on("worker2", f"systemctl start {unit}")
+        on("worker2", f"systemctl start {UNIT}")
         # Leave the fleet as found: the next tests fan out at once, and a worker still starting
         # would take none of it.
-        ready = f"journalctl -u {unit} --since @{since} --no-pager | grep -q ' ready\\.'"
-        deadline = time.monotonic() + 60
-        while on("worker2", ready, check=False).returncode != 0:
-            assert time.monotonic() < deadline, f"{unit} on worker2 not ready within 60 s"
-            time.sleep(0.5)
+        wait_ready("worker2", since)
 
 
-UNIT = "celery-worker@network"
 WEB = "http://198.18.0.1:8080"
 # The test's watchdog time, shorter than the deployed one (same code path, a shorter wait).
 TEST_WATCHDOG = 20
@@ -71,13 +80,6 @@ def restarts(host: str) -> int:
     return int(on(host, f"systemctl show -p NRestarts --value {UNIT}").stdout.strip())
 
 
-def wait_until(host: str, command: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while on(host, command, check=False).returncode != 0:
-        assert time.monotonic() < deadline, f"{host}: not within {timeout:g} s: {command}"
-        time.sleep(0.5)
-
-
 @pytest.mark.timeout(900)
 def test_a_worker_that_stops_consuming_is_restarted_by_its_watchdog():
     """The failure Celery has shown after broker restarts: connected, heartbeating, taking
@@ -103,7 +105,7 @@ def test_a_worker_that_stops_consuming_is_restarted_by_its_watchdog():
             f" && rm -r {dropin} && systemctl daemon-reload",
         )
         before = restarts("worker2")
-        wait_until("worker2", f"{journal} | grep -q ' ready\\.'", 60)
+        wait_ready("worker2", since)
         # Taken before the stall and held for its ETA when the worker is killed.
         sent = ssh(
             "client1",
@@ -142,5 +144,4 @@ def test_a_worker_that_stops_consuming_is_restarted_by_its_watchdog():
         on("worker2", f"systemctl restart {UNIT}")
         on("worker1", f"systemctl start {UNIT}")
         for host in ("worker1", "worker2"):
-            ready = f"journalctl -u {UNIT} --since @{since} --no-pager | grep -q ' ready\\.'"
-            wait_until(host, ready, 60)
+            wait_ready(host, since)
