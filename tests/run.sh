@@ -34,6 +34,8 @@ trap teardown EXIT
 if "$BIN/lab" up; then
   suite lab tests/lab
   suite fleet tests/fleet --durations=8
+  # The same lab grown to three Redis hosts (Sentinel), then failed over.
+  suite sentinel tests/sentinel --durations=5
 else
   status=1
 fi

@@ -163,3 +163,39 @@ def test_celery_settings(base):
         ("default", "default", "default"),
         ("network", "network", "network"),
     }
+
+
+def test_a_sentinel_url_keeps_every_sentinel_with_the_credentials(base):
+    sentinels = "sentinel://198.18.0.10:26379/0;sentinel://198.18.0.11:26379/0"
+    s = load_settings(
+        {
+            **base,
+            "FLEETAPP_BROKER_URL": sentinels,
+            "FLEETAPP_REDIS_USERNAME": "fleet",
+            "FLEETAPP_REDIS_PASSWORD": "p@ss",
+        }
+    )
+    assert s.broker_url == (
+        "sentinel://fleet:p%40ss@198.18.0.10:26379/0;sentinel://fleet:p%40ss@198.18.0.11:26379/0"
+    )
+    assert s.result_backend == s.broker_url
+    assert redact_url(s.broker_url) == sentinels
+    with pytest.raises(ConfigError, match="expected a redis://, rediss:// or sentinel://"):
+        load_settings({**base, "FLEETAPP_BROKER_URL": f"{sentinels};redis://198.18.0.12:6379/0"})
+
+
+def test_the_fleet_asks_the_sentinels_by_name_and_never_puts_a_password_in_its_settings():
+    env = {
+        "CELERY_BROKER_URL": "sentinel://worker:s3cret@198.18.0.10:26379/0",
+        "FLEET_REDIS_MASTER_NAME": "fleet",
+        "FLEET_REDIS_CA_FILE": "/etc/celery-fleet/tls/ca.crt",
+    }
+    settings = fleet_settings(env)
+    for name in ("broker_transport_options", "result_backend_transport_options"):
+        options = settings[name]
+        assert options["master_name"] == "fleet"
+        assert options["sentinel_kwargs"]["ssl"] is True
+        assert options["sentinel_kwargs"]["ssl_ca_certs"] == "/etc/celery-fleet/tls/ca.crt"
+    assert "s3cret" not in repr(settings)
+    with pytest.raises(Exception, match="FLEET_REDIS_MASTER_NAME: required"):
+        fleet_settings({"CELERY_BROKER_URL": env["CELERY_BROKER_URL"]})

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from fleettest.commands import BIN, run
 
-from tests.conftest import LAB_NAMES, REPO, on
+from tests.conftest import LAB_NAMES, REPO, lab_status, on
 
 SECRETS = Path(os.environ.get("HOME", "/root")) / ".celery-fleet" / "secrets" / "lab"
 # The fleet's CA on the control node, and on every host (roles/pki): Redis and Flower serve TLS.
@@ -61,14 +61,41 @@ KEY_PREFIX = "fleetapp:"
 PROBE_CLIENT_NAME = "acl-probe"
 
 
-def redis_admin(*words: str) -> str:
-    """One command as the admin user on redis1 (redis-cli --json); the password goes on stdin."""
+SENTINEL_PORT = 26379
+MASTER_NAME = "fleet"
+
+
+def redis_primary() -> str:
+    """The lab host whose Redis is the primary: redis1 alone, or with Sentinel (three or more
+    Redis hosts) the one the first Sentinel that answers names."""
+    machines = lab_status()
+    hosts = sorted(name for name in machines if re.fullmatch(r"redis\d+", name))
+    if len(hosts) == 1:
+        return hosts[0]
+    by_address = {machines[name]["address"]: name for name in hosts}
+    script = (
+        "read -r REDISCLI_AUTH; export REDISCLI_AUTH; "
+        f"{REDIS_CLI} -p {SENTINEL_PORT} --no-auth-warning --user admin"
+        f" SENTINEL GET-MASTER-ADDR-BY-NAME {MASTER_NAME}"
+    )
+    for host in hosts:
+        if machines[host]["state"] != "running":
+            continue
+        answer = on(host, script, check=False, input=secret("redis-admin") + "\n").stdout.split()
+        if answer and answer[0] in by_address:
+            return by_address[answer[0]]
+    raise AssertionError(f"no Sentinel on {', '.join(hosts)} names a primary")
+
+
+def redis_admin(*words: str, host: str | None = None) -> str:
+    """One command as the admin user on the primary, or on ``host`` (redis-cli --json); the
+    password goes on stdin."""
     args = " ".join(shlex.quote(word) for word in words)
     script = (
         "read -r REDISCLI_AUTH; export REDISCLI_AUTH; "
         f"{REDIS_CLI} --no-auth-warning --json --user admin {args}"
     )
-    return on("redis1", script, input=secret("redis-admin") + "\n").stdout
+    return on(host or redis_primary(), script, input=secret("redis-admin") + "\n").stdout
 
 
 def acl_log() -> list[dict[str, Any]]:

@@ -95,8 +95,12 @@ def duplicate_address(children):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (drop_redis, "exactly one host in group 'redis' (it has 0)"),
-        (two_redis_hosts, "exactly one host in group 'redis' (it has 2"),
+        (
+            drop_redis,
+            "group 'redis' needs one host, or an odd number of three or more for Sentinel"
+            " (it has 0)",
+        ),
+        (two_redis_hosts, "two cannot fail over: when one is lost, the other is no majority"),
         (no_workers, "no host in group 'workers'"),
         (redis_on_a_worker, "redis1 is in both 'redis' and 'workers'"),
         (client_on_a_worker, "client1 belong to more than one of 'workers', 'clients'"),
@@ -136,7 +140,8 @@ def test_an_empty_inventory_fails_naming_it_and_what_is_missing(tmp_path):
     assert result.returncode != 0
     said = " ".join(result.stdout.split())
     assert (
-        f"Inventory {tmp_path}: it needs exactly one host in group 'redis' (it has 0);"
+        f"Inventory {tmp_path}: group 'redis' needs one host, or an odd number of three or more"
+        " for Sentinel (it has 0);"
         " it has no host in group 'workers' (at least one is needed)."
     ) in said, result.stdout[-3000:]
     assert "PLAY [Check every host" not in result.stdout
@@ -150,7 +155,7 @@ def test_an_inventory_without_a_redis_group_fails_before_touching_any_host(tmp_p
     result = playbook("site.yml", "-i", inventory)
     assert result.returncode != 0
     said = " ".join(result.stdout.split())
-    assert f"Inventory {inventory}: it needs exactly one host in group 'redis' (it has 0)." in said
+    assert f"Inventory {inventory}: group 'redis' needs one host, or an odd number" in said
     assert "PLAY [Check every host" not in result.stdout
     assert all(counts["changed"] == 0 for counts in recap(result).values())
 

@@ -160,21 +160,40 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
 
 
 def redact_url(url: str) -> str:
-    """The URL without any credentials, safe to print."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    """The URL without any credentials, safe to print (each part of a Sentinel URL)."""
+    shown = []
+    for part in url.split(";"):
+        parts = urlsplit(part)
+        host = parts.netloc.rpartition("@")[2]
+        shown.append(urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)))
+    return ";".join(shown)
 
 
 def _redis_url(name: str, url: str, username: str | None, password: str | None, tls: bool) -> str:
+    if url.startswith("sentinel://"):
+        # The Sentinels, ";"-separated: each part gets the credentials (the Sentinels want them
+        # too); TLS is the transport's setting, not a scheme.
+        return ";".join(
+            _redis_url_part(name, part, username, password, None)
+            for part in url.split(";")
+            if part.strip()
+        )
+    return _redis_url_part(name, url, username, password, "rediss" if tls else "redis")
+
+
+def _redis_url_part(
+    name: str, url: str, username: str | None, password: str | None, scheme: str | None
+) -> str:
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url.strip())
         parts.port  # noqa: B018 - raises ValueError on a non-numeric/out-of-range port
     except ValueError as exc:
         raise ConfigError(f"{name}: not a valid URL ({exc})") from None
-    if parts.scheme not in ("redis", "rediss"):
+    expected = ("redis", "rediss") if scheme is not None else ("sentinel",)
+    if parts.scheme not in expected:
         raise ConfigError(
-            f"{name}: expected a redis:// or rediss:// URL, got scheme {parts.scheme!r}"
+            f"{name}: expected a redis://, rediss:// or sentinel:// URL (Sentinels joined by ;),"
+            f" got scheme {parts.scheme!r}"
         )
     if not parts.hostname:
         raise ConfigError(f"{name}: no host in {redact_url(url)!r}")
@@ -187,8 +206,7 @@ def _redis_url(name: str, url: str, username: str | None, password: str | None, 
         if secret:
             userinfo += ":" + quote(secret, safe="")
         host = f"{userinfo}@{host}"
-    scheme = "rediss" if tls else "redis"
-    return urlunsplit((scheme, host, parts.path, parts.query, parts.fragment))
+    return urlunsplit((scheme or parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

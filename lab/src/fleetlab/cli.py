@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create and boot the default topology (idempotent)")
     up.add_argument("--workers", type=int, help="number of worker machines (default 2)")
+    up.add_argument(
+        "--redis", type=int, help="number of Redis machines (default 1; 3 or more: Sentinel)"
+    )
     sub.add_parser("down", help="remove every machine, namespace, veth, bridge, mirror and mount")
     add = sub.add_parser("add", help="add one machine while the others keep running")
     add.add_argument("name")
@@ -100,7 +103,9 @@ def dispatch(lab: Lab, args: argparse.Namespace) -> int:
     if command == "up":
         if args.workers is not None and args.workers < 1:
             raise LabError("--workers must be at least 1")
-        lab.up(args.workers)
+        if args.redis is not None and args.redis < 1:
+            raise LabError("--redis must be at least 1")
+        lab.up(args.workers, args.redis)
         return _status(lab, as_json=False)
     if command == "down":
         lab.down()

@@ -79,21 +79,23 @@ class Lab:
         require_disk(self.config.state_dir, 1000)
         network.check_subnet_free(self.config)
 
-    def up(self, workers: int | None = None) -> None:
+    def up(self, workers: int | None = None, redis: int | None = None) -> None:
         self.preflight()
         with self.state.locked(self.log):
             cleanup.sweep_strays(self.config, keep=set(self.machines()))
             base = self._prepare_host()
             current = self.machines()
-            wanted = default_topology(workers if workers is not None else 2)
-            if workers is None:
-                # Without --workers, keep whatever workers were added since.
-                wanted += [n for n in current if n not in wanted]
-            else:
-                for name in list(current):
-                    if name.startswith("worker") and name not in wanted:
-                        self._remove(name)
-                current = self.machines()
+            wanted = default_topology(
+                workers if workers is not None else 2, redis if redis is not None else 1
+            )
+            # A count given is the count wanted: machines of that kind beyond it are removed.
+            # Without one, whatever was added since is kept.
+            counted = [kind for kind, n in (("worker", workers), ("redis", redis)) if n is not None]
+            for name in list(current):
+                if name not in wanted and any(name.startswith(kind) for kind in counted):
+                    self._remove(name)
+            current = self.machines()
+            wanted += [n for n in current if n not in wanted]
             to_start = [
                 current[name] if name in current else self._create(name, base, None, None)
                 for name in wanted

@@ -19,5 +19,10 @@ class MachineStatus:
     uptime: float | None
 
 
-def default_topology(workers: int) -> list[str]:
-    return ["redis1", *(f"worker{i}" for i in range(1, workers + 1)), "client1", "monitor1"]
+def default_topology(workers: int, redis: int = 1) -> list[str]:
+    return [
+        *(f"redis{i}" for i in range(1, redis + 1)),
+        *(f"worker{i}" for i in range(1, workers + 1)),
+        "client1",
+        "monitor1",
+    ]

@@ -7,7 +7,11 @@ read by the units and by ``fleet-python``/``fleet-celery``)::
     FLEET_TASK_TIME_LIMIT                      hard limit per task, s (default 300)
     FLEET_TASK_SOFT_TIME_LIMIT                 soft limit, s (default: 90 % of the hard limit)
     FLEET_VISIBILITY_TIMEOUT                   lease on a delivered message, s (default 120, >= 10)
-    FLEET_REDIS_CA_FILE                        CA to verify a rediss:// server with (optional)
+    FLEET_REDIS_CA_FILE                        CA to verify a rediss:// server with (optional);
+                                               with Sentinel, the primary and the Sentinels
+    FLEET_REDIS_MASTER_NAME                    the name Sentinel knows the primary by; required
+                                               with sentinel:// URLs (``sentinel://a:26379;
+                                               sentinel://b:26379;...``), which name Sentinels
     FLEET_WORKER_CONTROL_COMMANDS              control commands workers obey (celery_fleet.control)
     FLEET_REDIS_KEY_PREFIX                     prefix of every key and channel of the app (kombu's
                                                global_keyprefix): the app's Redis users may touch
@@ -35,6 +39,8 @@ _ENV_LINE = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
 SOCKET_TIMEOUT = 15.0
 SOCKET_CONNECT_TIMEOUT = 5.0
 HEALTH_CHECK_INTERVAL = 10
+SENTINEL_SCHEME = "sentinel://"
+SENTINEL_TIMEOUT = 2.0
 DEFAULT_MAX_TASK_STARTS = 5
 # The prefix becomes part of Redis ACL key and channel patterns: no glob characters, no spaces.
 # It ends in a separator: Celery adds "_" to its result keys' prefix otherwise, kombu does not.
@@ -120,6 +126,12 @@ def fleet_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         # Renewed every tenth of it: shorter would not survive one slow round trip.
         raise ConfigError(f"FLEET_VISIBILITY_TIMEOUT: {lease} is below {MIN_VISIBILITY_TIMEOUT} s")
     prefix = key_prefix(env)
+    master_name = env.get("FLEET_REDIS_MASTER_NAME", "").strip()
+    if not master_name and env.get("CELERY_BROKER_URL", "").startswith(SENTINEL_SCHEME):
+        raise ConfigError(
+            "FLEET_REDIS_MASTER_NAME: required with a sentinel:// broker URL"
+            " (the name the Sentinels know the primary by)"
+        )
     ssl_options: dict[str, Any] | None = None
     ca_file = env.get("FLEET_REDIS_CA_FILE", "").strip()
     if ca_file or env.get("CELERY_BROKER_URL", "").startswith("rediss://"):
@@ -199,6 +211,20 @@ def fleet_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     if ssl_options is not None:
         settings["broker_use_ssl"] = ssl_options
         settings["redis_backend_use_ssl"] = ssl_options
+    if master_name:
+        # The Sentinels are asked where the primary is; every connection then follows it. Their
+        # own connections get the same timeouts and TLS; the credentials are the URL's, added
+        # when a connection is made (celery_fleet.transport, _fleet_sentinel_backend), so no
+        # password is ever part of the settings (``inspect conf``, Flower's config view).
+        # Short: a Sentinel answers at once, and one that does not is skipped for the next.
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": SENTINEL_TIMEOUT,
+            "socket_connect_timeout": SENTINEL_TIMEOUT,
+        }
+        if ssl_options is not None:
+            sentinel_kwargs.update(ssl=True, **ssl_options)
+        for name in ("broker_transport_options", "result_backend_transport_options"):
+            settings[name].update(master_name=master_name, sentinel_kwargs=sentinel_kwargs)
     return settings
 
 
@@ -223,6 +249,54 @@ def install() -> None:
     Celery.__init__ = __init__  # type: ignore[method-assign]
     Celery._fleet_installed = True  # type: ignore[attr-defined]
     _keep_fleet_backend_options()
+    _authenticate_to_sentinels()
+
+
+def sentinel_kwargs_with_credentials(
+    sentinel_kwargs: Any, params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The Sentinels' connection settings with the URL's user and password (the fleet's
+    Sentinels know the same users as its Redis servers, roles/redis_sentinel), trying each
+    Sentinel once.
+
+    redis-py retries a connection ten times by default: a Sentinel whose host is down, asked
+    first, then held every lookup of the primary for about 40 s, and Celery's result backend,
+    which looks it up again on each of its own retries, blocked a client's ``send_task`` for
+    many minutes after a failover (seen on the lab). One try each: the next Sentinel answers.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    kwargs = dict(sentinel_kwargs or {})
+    for name in ("username", "password"):
+        if params.get(name):
+            kwargs.setdefault(name, params[name])
+    kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+    return kwargs
+
+
+def _authenticate_to_sentinels() -> None:
+    """Celery's Sentinel result backend gives the Sentinels only sentinel_kwargs, so the URL's
+    credentials reach the primary but not the Sentinels, which the fleet protects too."""
+    from celery.backends import redis as redis_backend
+
+    # Not in the stubs.
+    backend: Any = redis_backend.SentinelBackend
+
+    def _get_sentinel_instance(self: Any, **params: Any) -> Any:
+        connparams = dict(params)
+        hosts = connparams.pop("hosts")
+        options = self._transport_options
+        return self.sentinel.Sentinel(
+            [(host["host"], host["port"]) for host in hosts],
+            min_other_sentinels=options.get("min_other_sentinels", 0),
+            sentinel_kwargs=sentinel_kwargs_with_credentials(
+                options.get("sentinel_kwargs"), connparams
+            ),
+            **connparams,
+        )
+
+    backend._get_sentinel_instance = _get_sentinel_instance
 
 
 def _keep_fleet_backend_options() -> None:

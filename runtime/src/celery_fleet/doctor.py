@@ -23,7 +23,9 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from celery_fleet import config
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -48,14 +50,18 @@ class DoctorError(Exception):
 
 
 def redact_url(url: str) -> str:
-    """The URL without credentials, safe to print."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    """The URL without credentials, safe to print (each of a Sentinel URL's ``;`` parts)."""
+    shown = []
+    for part in url.split(";"):
+        parts = urlsplit(part)
+        host = parts.netloc.rpartition("@")[2]
+        shown.append(urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)))
+    return ";".join(shown)
 
 
 def redis_client(app: Any, url: str, timeout: float = REDIS_TIMEOUT) -> Any:
-    """A plain redis-py client for one of the app's URLs: hard timeouts, no retries."""
+    """A plain redis-py client for one of the app's URLs: hard timeouts, no retries. For a
+    sentinel:// URL, a client of the primary the Sentinels name."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -66,17 +72,54 @@ def redis_client(app: Any, url: str, timeout: float = REDIS_TIMEOUT) -> Any:
         "retry": Retry(NoBackoff(), 0),
     }
     ssl_options = app.conf.broker_use_ssl
-    if url.startswith("rediss://") and isinstance(ssl_options, dict):
+    tls = isinstance(ssl_options, dict) and (
+        url.startswith("rediss://") or url.startswith(config.SENTINEL_SCHEME)
+    )
+    if tls:
         kwargs.update({k: v for k, v in ssl_options.items() if k.startswith("ssl_")})
-    return redis.Redis.from_url(url, **kwargs)
+    if not url.startswith(config.SENTINEL_SCHEME):
+        return redis.Redis.from_url(url, **kwargs)
+    return _sentinel_primary(app, url, kwargs, tls)
+
+
+def _sentinel_primary(app: Any, url: str, kwargs: dict[str, Any], tls: bool) -> Any:
+    from redis import sentinel
+
+    # Untyped in redis-py.
+    Sentinel: Any = sentinel.Sentinel
+    parts = [urlsplit(part) for part in url.split(";") if part]
+    first = parts[0]
+    credentials = {
+        name: unquote(value)
+        for name, value in (("username", first.username), ("password", first.password))
+        if value
+    }
+    db = int(first.path.strip("/") or 0)
+    options = app.conf.broker_transport_options or {}
+    master_name = options.get("master_name")
+    if not master_name:
+        raise DoctorError(EXIT_CONFIG, "a sentinel:// broker needs FLEET_REDIS_MASTER_NAME")
+    sentinel_kwargs = config.sentinel_kwargs_with_credentials(
+        options.get("sentinel_kwargs"), credentials
+    )
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        sentinel_kwargs[name] = kwargs[name]
+    sentinels = Sentinel(
+        [(part.hostname, part.port or 26379) for part in parts],
+        sentinel_kwargs=sentinel_kwargs,
+        **kwargs,
+    )
+    return sentinels.master_for(master_name, db=db, ssl=tls, **credentials)
 
 
 def check_redis(app: Any, url: str, what: str) -> None:
     import redis
 
     shown = redact_url(url)
-    if urlsplit(url).scheme not in ("redis", "rediss"):
-        raise DoctorError(EXIT_CONFIG, f"the {what} {shown} is not a redis:// or rediss:// URL")
+    if urlsplit(url).scheme not in ("redis", "rediss", "sentinel"):
+        raise DoctorError(
+            EXIT_CONFIG, f"the {what} {shown} is not a redis://, rediss:// or sentinel:// URL"
+        )
     client = redis_client(app, url)
     try:
         client.ping()
@@ -91,6 +134,7 @@ def check_redis(app: Any, url: str, what: str) -> None:
             ) from None
         raise DoctorError(EXIT_BROKER_DOWN, f"the {what} {shown} answered: {exc}") from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        # MasterNotFoundError is a ConnectionError: no Sentinel answered, or none knows a primary.
         raise DoctorError(EXIT_BROKER_DOWN, f"cannot reach the {what} at {shown}: {exc}") from None
     finally:
         client.close()

@@ -136,7 +136,7 @@ class LeaseKeeper:
     @staticmethod
     def applies_to(app: Any) -> bool:
         scheme = str(app.conf.broker_url or "").split("://", 1)[0]
-        return scheme in ("redis", "rediss")
+        return scheme in ("redis", "rediss", "sentinel")
 
     # -- lifecycle ------------------------------------------------------------------------
 

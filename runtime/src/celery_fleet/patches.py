@@ -34,7 +34,10 @@ API; each names the upstream code it corrects, so it can go when upstream fixes 
    by systemd in the disk-full one). Both end when memory or disk frees, so both count as
    connection errors: the consumer reconnects, running tasks keep running, results and
    publishes are retried (a publish still fails once its retry policy is spent). redis-py has
-   no class for ``MISCONF``; ``PersistenceError`` is registered for it.
+   no class for ``MISCONF``; ``PersistenceError`` is registered for it. With Sentinel, the same
+   holds for ``NOREPLICAS`` (a primary without enough replicas refuses writes: right after a
+   failover, or cut off) and ``UNBLOCKED`` (a pop ended because its server became a replica):
+   both pass once the connection follows the new primary.
 7. A client waiting for results (``AsyncResult.get``, ``GroupResult.iter_native``) hears them on
    pub/sub. When that connection is lost, Celery's ``ResultConsumer._reconnect_pubsub`` reads
    the stored results (MGET) and only then subscribes again: a result stored between the two
@@ -201,6 +204,15 @@ class PersistenceError(ResponseError):
     """``MISCONF``: Redis refuses writes because it cannot persist them (e.g. its disk is full)."""
 
 
+class ReplicasMissingError(ResponseError):
+    """``NOREPLICAS``: a primary refuses writes while too few replicas follow it (after a
+    failover until a replica has caught up, or cut off from them)."""
+
+
+class UnblockedError(ResponseError):
+    """``UNBLOCKED``: a blocking pop was ended because its server stopped being the primary."""
+
+
 def _patch_out_of_memory_is_transient() -> None:
     import celery.backends.redis as celery_redis
     from kombu.transport import redis as kombu_redis
@@ -209,7 +221,9 @@ def _patch_out_of_memory_is_transient() -> None:
 
     # Every parser (Python and hiredis) maps error prefixes through this class attribute.
     BaseParser.EXCEPTION_CLASSES["MISCONF"] = PersistenceError
-    transient = (OutOfMemoryError, PersistenceError)
+    BaseParser.EXCEPTION_CLASSES["NOREPLICAS"] = ReplicasMissingError
+    BaseParser.EXCEPTION_CLASSES["UNBLOCKED"] = UnblockedError
+    transient = (OutOfMemoryError, PersistenceError, ReplicasMissingError, UnblockedError)
     original = kombu_redis.get_redis_error_classes
 
     def get_redis_error_classes() -> Any:

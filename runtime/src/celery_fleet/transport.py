@@ -74,9 +74,14 @@ if TYPE_CHECKING:
         def _brpop_read(self, **options: Any) -> bool: ...
         def _q_for_pri(self, queue: str, pri: int) -> str: ...
         def _flush_brpop_reauth(self) -> None: ...
+        def _connparams(self, asynchronous: bool = False) -> dict[str, Any]: ...
+
+    class _RedisSentinelChannel(kombu_redis.SentinelChannel):
+        def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any: ...
 
 else:
     _RedisChannel = kombu_redis.Channel
+    _RedisSentinelChannel = kombu_redis.SentinelChannel
 
 
 def owner_id() -> str:
@@ -313,6 +318,20 @@ class Channel(_RedisChannel):
             _retire(processing)
 
 
+class SentinelChannel(Channel, _RedisSentinelChannel):
+    """The channel above, its connections to the primary the Sentinels name (kombu's
+    ``sentinel://`` transport), which follow it through a failover."""
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        # kombu gives the Sentinels only sentinel_kwargs: the URL's credentials reach the
+        # primary alone, and the fleet's Sentinels require them too.
+        params = self._connparams(asynchronous)
+        self.sentinel_kwargs = config.sentinel_kwargs_with_credentials(
+            getattr(self, "sentinel_kwargs", None), params
+        )
+        return super()._sentinel_managed_pool(asynchronous)
+
+
 def _retire(processing: str | None) -> None:
     """Hand a processing list this channel no longer pops into to the lease keeper."""
     if processing is not None:
@@ -330,4 +349,5 @@ def _server_now(client: Any) -> float:
 
 def install() -> None:
     kombu_redis.Transport.Channel = Channel
+    kombu_redis.SentinelTransport.Channel = SentinelChannel
     kombu_redis.Mutex = mutex

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO, on
-from tests.fleet.conftest import KEY_PREFIX, REDIS_CLI, secret
+from tests.fleet.conftest import KEY_PREFIX, REDIS_CLI, redis_primary, secret
 from tests.fleet.faults.ledger import Report, executions_sent, report
 
 WEBFARM = "http://198.18.0.1:8080"
@@ -48,11 +48,11 @@ def loadgen_on_client() -> Iterator[None]:
 
 
 def redis_cli(*commands: str) -> list[str]:
-    """Run redis-cli commands as the admin user on redis1; the password goes through stdin."""
+    """Run redis-cli commands as the admin user on the primary; the password goes through stdin."""
     script = "read -r REDISCLI_AUTH; export REDISCLI_AUTH; " + "; ".join(
         f"{REDIS_CLI} --no-auth-warning --user admin {command}" for command in commands
     )
-    return on("redis1", script, input=secret("redis-admin") + "\n").stdout.split()
+    return on(redis_primary(), script, input=secret("redis-admin") + "\n").stdout.split()
 
 
 def redis_holds() -> int:

@@ -14,6 +14,7 @@ task stays lost; scenarios that do not cut a worker off also require none failed
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,9 @@ class Report:
     # Publishes that raised on the client and ran all the same (the caller was told "failed").
     raised_but_ran: int = 0
     longest_delay: float = 0.0
+    # The longest wait between two publishes: the load generator publishes one task at a time,
+    # so a publish that blocked or retried through the fault shows as the gap before the next.
+    publish_stall: float = 0.0
 
     def row(self) -> dict[str, Any]:
         return {
@@ -45,6 +49,7 @@ class Report:
             "duplicates": self.duplicates,
             "raised_but_ran": self.raised_but_ran,
             "longest_delay_s": round(self.longest_delay, 1),
+            "publish_stall_s": round(self.publish_stall, 1),
         }
 
 
@@ -74,6 +79,7 @@ def report(
     )
     lost = sorted(n for n in returned if n not in done and n not in failed)
     delays = [done[n][0]["end"] - sent_at for n, sent_at in returned.items() if n in done]
+    sent = sorted(sent_at for _n, _task_id, sent_at, _error in publishes)
     return Report(
         scenario=scenario,
         published=len(publishes),
@@ -85,6 +91,7 @@ def report(
         duplicates=sum(len(entries) - 1 for entries in done.values()),
         raised_but_ran=sum(1 for n in raised if n in done),
         longest_delay=max(delays, default=0.0),
+        publish_stall=max((b - a for a, b in itertools.pairwise(sent)), default=0.0),
     )
 
 

@@ -1,0 +1,178 @@
+"""Redis with Sentinel on the lab: three Redis hosts, a primary power cut, a partition, a replica
+and a Sentinel gone. Every count comes from the ledger (the webfarm), not from Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import lab, lab_status, on
+from tests.fleet.conftest import (
+    MASTER_NAME,
+    REDIS_CLI,
+    SENTINEL_PORT,
+    playbook,
+    recap,
+    redis_admin,
+    redis_primary,
+    secret,
+)
+from tests.fleet.faults.conftest import Scenario, size
+from tests.sentinel.conftest import REDIS_HOSTS
+
+TUTORIAL = [f"http://198.18.0.1:8080/tutorial/{n}" for n in range(1, 6)]
+# The issue's bound: the fleet takes tasks again within this many seconds of losing its primary.
+RESUME_WITHIN = 30.0
+
+
+def sentinel(host: str, *words: str) -> Any:
+    """One command to the Sentinel on ``host`` as the admin user (password on stdin), its reply
+    as JSON."""
+    script = (
+        "read -r REDISCLI_AUTH; export REDISCLI_AUTH; "
+        f"{REDIS_CLI} -p {SENTINEL_PORT} --no-auth-warning --json --user admin {' '.join(words)}"
+    )
+    return json.loads(on(host, script, input=secret("redis-admin") + "\n").stdout)
+
+
+def sentinel_view(host: str) -> dict[str, str]:
+    """SENTINEL MASTER <name> on ``host``: its flat field/value reply as a dict."""
+    reply = sentinel(host, "SENTINEL", "MASTER", MASTER_NAME)
+    # RESP2 (a flat list of field, value) or RESP3 (a map), as redis-cli's --json renders it.
+    if isinstance(reply, dict):
+        return {str(k): str(v) for k, v in reply.items()}
+    return {str(k): str(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
+
+
+def role(host: str) -> list[Any]:
+    return list(json.loads(redis_admin("ROLE", host=host)))
+
+
+def address(host: str) -> str:
+    return str(lab_status()[host]["address"])
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (Exception, pytest.fail.Exception):  # a host still booting answers nothing yet
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def settled(primary: str) -> bool:
+    """``primary`` has both replicas online and every Sentinel names it, knowing the others."""
+    replicas = role(primary)
+    if replicas[0] != "master" or len(replicas[2]) != len(REDIS_HOSTS) - 1:
+        return False
+    for host in REDIS_HOSTS:
+        view = sentinel_view(host)
+        if (
+            view["ip"] != address(primary)
+            or view["flags"] != "master"
+            or view["num-slaves"] != str(len(REDIS_HOSTS) - 1)
+            or view["num-other-sentinels"] != str(len(REDIS_HOSTS) - 1)
+        ):
+            return False
+    return True
+
+
+def test_three_redis_hosts_converge_and_a_second_run_changes_nothing(grown):
+    primary = redis_primary()
+    assert primary == "redis1", "the first Redis host starts as the primary"
+    wait_until(lambda: settled(primary), 60, "both replicas and three Sentinels")
+    for replica in REDIS_HOSTS[1:]:
+        assert role(replica)[:4] == ["slave", address("redis1"), 6379, "connected"]
+    again = playbook("site.yml")
+    assert again.returncode == 0, again.stdout[-4000:]
+    changed = {host: counts["changed"] for host, counts in recap(again).items()}
+    assert set(changed.values()) == {0}, changed
+
+
+def test_the_fan_out_demo_runs_through_the_sentinels(grown):
+    result = on("client1", "fleetapp fetch --json " + " ".join(TUTORIAL), timeout=120)
+    out = json.loads(result.stdout)
+    assert out["ok"] == len(TUTORIAL), result.stdout
+
+
+def test_a_primary_power_cut_under_load_fails_over_and_loses_nothing(grown):
+    """The primary loses power mid-load: the Sentinels promote a replica, the workers and the
+    client follow it without a restart, and the old primary comes back as a replica."""
+    old = redis_primary()
+    wait_until(lambda: settled(old), 60, "a settled group before the fault")
+    row = Scenario("sentinel: primary power cut", count=size(300, 900), rate=25).run(
+        lambda: lab("kill", old), at=3
+    )
+    new = redis_primary()
+    assert new != old
+    assert row.lost == [], row
+    assert row.raised_but_ran == 0, row
+    assert row.publish_stall < RESUME_WITHIN, row
+    assert row.longest_delay < RESUME_WITHIN, row
+    lab("start", old)
+    wait_until(lambda: role(old)[:2] == ["slave", address(new)], 120, f"{old} to rejoin")
+    wait_until(lambda: settled(new), 120, "the group to settle after the failover")
+
+
+def test_a_partitioned_primary_is_replaced_and_rejoins_as_a_replica(grown):
+    """The primary is cut off from every other host for 25 s under load: the two Sentinels that
+    still see each other elect a new primary, the fleet follows it, and once the network heals
+    the old primary becomes a replica of the new one. Nobody could write to the old primary
+    while it was cut off, so there is no second history to lose."""
+    old = redis_primary()
+    wait_until(lambda: settled(old), 60, "a settled group before the fault")
+
+    def partition() -> None:
+        lab("cut", old)
+        time.sleep(25)  # publishing goes on meanwhile
+        lab("heal", old)
+
+    row = Scenario("sentinel: primary partitioned 25 s", count=size(500, 1000), rate=25).run(
+        partition, at=3
+    )
+    new = redis_primary()
+    assert new != old
+    assert row.lost == [], row
+    assert row.raised_but_ran == 0, row
+    wait_until(lambda: role(old)[:2] == ["slave", address(new)], 120, f"{old} to rejoin")
+    wait_until(lambda: settled(new), 120, "the group to settle after the partition")
+
+
+def test_a_replica_and_its_sentinel_stopped_change_nothing_for_the_fleet(grown):
+    """One replica's Redis and Sentinel stop under load: the primary keeps one replica, so it
+    keeps taking writes, and two Sentinels are still a majority. No publish fails."""
+    primary = redis_primary()
+    wait_until(lambda: settled(primary), 60, "a settled group before the fault")
+    replica = next(host for host in REDIS_HOSTS if host != primary)
+
+    def stop_replica() -> None:
+        on(replica, "systemctl stop redis-sentinel redis-server")
+
+    try:
+        row = Scenario(
+            "sentinel: a replica and its Sentinel stopped", count=size(150, 600), rate=25
+        ).run(stop_replica, at=2)
+    finally:
+        on(replica, "systemctl start redis-server redis-sentinel")
+    assert (row.raised, row.lost) == (0, []), row
+    assert redis_primary() == primary
+    wait_until(lambda: settled(primary), 120, "the replica to come back")
+
+
+def test_no_redis_server_or_sentinel_refused_the_fleet(grown):
+    """Redis' and each Sentinel's own ACL log: no command of the fleet's services or of the
+    Sentinels themselves was refused (wrong passwords aside) over this suite's faults."""
+    refused = []
+    for host in REDIS_HOSTS:
+        entries = json.loads(redis_admin("ACL", "LOG", "128", host=host) or "[]")
+        refused += [(host, "redis", e) for e in entries if e.get("reason") != "auth"]
+        entries = sentinel(host, "ACL", "LOG", "128") or []
+        refused += [(host, "sentinel", e) for e in entries if e.get("reason") != "auth"]
+    assert not refused, refused
