@@ -82,11 +82,18 @@ def redis_client(app: Any, url: str, timeout: float = REDIS_TIMEOUT) -> Any:
     return _sentinel_primary(app, url, kwargs, tls)
 
 
-def _sentinel_primary(app: Any, url: str, kwargs: dict[str, Any], tls: bool) -> Any:
-    from redis import sentinel
+@dataclass
+class _Sentinels:
+    """A sentinel:// URL taken apart: the Sentinels, the credentials, how to reach them."""
 
-    # Untyped in redis-py.
-    Sentinel: Any = sentinel.Sentinel
+    addresses: list[tuple[str, int]]
+    credentials: dict[str, str]
+    db: int
+    master_name: str
+    kwargs: dict[str, Any]  # for the Sentinels' own connections
+
+
+def _sentinels(app: Any, url: str, timeout: float) -> _Sentinels:
     parts = [urlsplit(part) for part in url.split(";") if part]
     first = parts[0]
     credentials = {
@@ -94,22 +101,78 @@ def _sentinel_primary(app: Any, url: str, kwargs: dict[str, Any], tls: bool) -> 
         for name, value in (("username", first.username), ("password", first.password))
         if value
     }
-    db = int(first.path.strip("/") or 0)
     options = app.conf.broker_transport_options or {}
     master_name = options.get("master_name")
     if not master_name:
         raise DoctorError(EXIT_CONFIG, "a sentinel:// broker needs FLEET_REDIS_MASTER_NAME")
-    sentinel_kwargs = config.sentinel_kwargs_with_credentials(
-        options.get("sentinel_kwargs"), credentials
+    kwargs = config.sentinel_kwargs_with_credentials(options.get("sentinel_kwargs"), credentials)
+    kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+    return _Sentinels(
+        addresses=[(part.hostname or "", part.port or 26379) for part in parts],
+        credentials=credentials,
+        db=int(first.path.strip("/") or 0),
+        master_name=str(master_name),
+        kwargs=kwargs,
     )
-    for name in ("socket_timeout", "socket_connect_timeout"):
-        sentinel_kwargs[name] = kwargs[name]
-    sentinels = Sentinel(
-        [(part.hostname, part.port or 26379) for part in parts],
-        sentinel_kwargs=sentinel_kwargs,
-        **kwargs,
-    )
-    return sentinels.master_for(master_name, db=db, ssl=tls, **credentials)
+
+
+def _sentinel_primary(app: Any, url: str, kwargs: dict[str, Any], tls: bool) -> Any:
+    from redis import sentinel
+
+    # Untyped in redis-py.
+    Sentinel: Any = sentinel.Sentinel
+    found = _sentinels(app, url, kwargs["socket_timeout"])
+    sentinels = Sentinel(found.addresses, sentinel_kwargs=found.kwargs, **kwargs)
+    return sentinels.master_for(found.master_name, db=found.db, ssl=tls, **found.credentials)
+
+
+def sentinel_view(app: Any, url: str, timeout: float = REDIS_TIMEOUT) -> dict[str, Any]:
+    """What each Sentinel says: the primary it names, and the replicas with their link and how
+    far each is behind the furthest one (bytes of replication stream). Only what the tier's
+    own user may ask a Sentinel: no command reaches a Redis server."""
+    import redis
+
+    found = _sentinels(app, url, timeout)
+    sentinels: list[dict[str, Any]] = []
+    replicas: list[dict[str, Any]] = []
+    for host, port in found.addresses:
+        entry: dict[str, Any] = {"address": f"{host}:{port}"}
+        client: Any = redis.Redis(host, port, **found.kwargs)
+        try:
+            state = client.sentinel_master(found.master_name)
+            entry.update(
+                primary=f"{state['ip']}:{state['port']}",
+                down=bool(state.get("is_sdown") or state.get("is_odown")),
+                other_sentinels=int(state.get("num-other-sentinels", 0)),
+                quorum=int(state.get("quorum", 0)),
+            )
+            if not replicas:
+                replicas = [
+                    {
+                        "address": f"{r['ip']}:{r['port']}",
+                        "link": str(r.get("master-link-status", "?")),
+                        "offset": int(r.get("slave-repl-offset", 0)),
+                        "down": bool(r.get("is_sdown") or r.get("is_odown")),
+                    }
+                    for r in client.sentinel_slaves(found.master_name)
+                ]
+        except (OSError, redis.exceptions.RedisError) as exc:
+            entry["error"] = str(exc)
+        finally:
+            client.close()
+        sentinels.append(entry)
+    furthest = max((r["offset"] for r in replicas), default=0)
+    for replica in replicas:
+        replica["behind_bytes"] = furthest - replica["offset"]
+    named = [s["primary"] for s in sentinels if "primary" in s]
+    primary = max(set(named), key=named.count) if named else None
+    return {
+        "master_name": found.master_name,
+        "primary": primary,
+        "named_by": named.count(primary) if primary else 0,
+        "replicas": replicas,
+        "sentinels": sentinels,
+    }
 
 
 def check_redis(app: Any, url: str, what: str) -> None:
@@ -233,6 +296,8 @@ class Report:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     queues: dict[str, int] = field(default_factory=dict)
     dead_letters: dict[str, int] = field(default_factory=dict)
+    # With Sentinel: the primary, its replicas and each Sentinel's view (sentinel_view).
+    sentinel: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     exit_code: int = EXIT_OK
 
@@ -293,6 +358,9 @@ def _diagnose(app: Any, timeout: float) -> Report:
         report.fail(exc.exit_code, exc.message)
         return report
     report.broker_ok = True
+    broker = str(app.conf.broker_url or "")
+    if broker.startswith(config.SENTINEL_SCHEME):
+        report.sentinel = sentinel_view(app, broker, timeout)
 
     known = describe(app)["tasks"]
     try:
@@ -365,6 +433,8 @@ def render(report: Report) -> None:
 
     console = Console(soft_wrap=True)
     console.print(f"broker: {report.broker}  result backend: {report.result_backend}")
+    if report.sentinel:
+        _render_sentinel(console, report.sentinel)
     if report.workers:
         table = Table(title="workers")
         for column in ("worker", "queues", "tasks"):
@@ -387,6 +457,37 @@ def render(report: Report) -> None:
     for problem in report.problems:
         console.print(f"[bold red]problem:[/] {problem}", highlight=False)
     console.print("[green]healthy[/]" if report.healthy else "[red]not healthy[/]")
+
+
+def _render_sentinel(console: Any, view: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Redis, Sentinel '{view['master_name']}'")
+    for column in ("role", "address", "state"):
+        table.add_column(column)
+    told = len(view["sentinels"])
+    table.add_row(
+        "primary",
+        view["primary"] or "[red]none named[/]",
+        f"named by {view['named_by']} of {told} Sentinels",
+    )
+    for replica in view["replicas"]:
+        state = (
+            "down"
+            if replica["down"]
+            else f"link {replica['link']}, {replica['behind_bytes']} bytes behind"
+        )
+        table.add_row("replica", replica["address"], state)
+    for sentinel in view["sentinels"]:
+        if "error" in sentinel:
+            state = f"[red]{sentinel['error']}[/]"
+        else:
+            state = (
+                f"names {sentinel['primary']}{' (down)' if sentinel['down'] else ''},"
+                f" sees {sentinel['other_sentinels']} other Sentinels, quorum {sentinel['quorum']}"
+            )
+        table.add_row("sentinel", sentinel["address"], state)
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,8 +62,10 @@ def start_redis(
     username: str = USERNAME,
     password: str = PASSWORD,
     users: dict[str, str] | None = None,
+    extra: str = "",
 ) -> RedisServer:
-    """``users``: more ACL users, {name: rules}, each with ``password`` (fleettest.acl)."""
+    """``users``: more ACL users, {name: rules}, each with ``password`` (fleettest.acl);
+    ``extra``: more configuration lines (a replica's ``replicaof``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = workdir / "redis.conf"
@@ -72,6 +74,7 @@ def start_redis(
     conf.write_text(
         f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\ndir {workdir}\n'
         f"databases 16\nuser default off\nuser {username} on >{password} ~* &* +@all\n{more}"
+        f"{extra}"
     )
     proc = subprocess.Popen(
         [REDIS_SERVER, str(conf)],
@@ -91,6 +94,66 @@ def start_redis(
 
     wait_for(up, 10, "redis-server")
     return server
+
+
+def start_replica(workdir: Path, primary: RedisServer) -> RedisServer:
+    """A replica of ``primary``, with its users, replicating as its user."""
+    return start_redis(
+        workdir,
+        primary.username,
+        primary.password,
+        extra=(
+            f"replicaof 127.0.0.1 {primary.port}\nmasteruser {primary.username}\n"
+            f'masterauth "{primary.password}"\nreplica-announce-ip 127.0.0.1\n'
+        ),
+    )
+
+
+@dataclass
+class SentinelServer:
+    port: int
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def start_sentinel(
+    workdir: Path, primary: RedisServer, master_name: str = "fleet", down_after_ms: int = 1000
+) -> SentinelServer:
+    """One Sentinel watching ``primary`` (quorum 1), knowing the same user as the servers."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = workdir / "sentinel.conf"  # Sentinel rewrites it: it must be its own, writable
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+        f"sentinel monitor {master_name} 127.0.0.1 {primary.port} 1\n"
+        f"sentinel auth-user {master_name} {primary.username}\n"
+        f'sentinel auth-pass {master_name} "{primary.password}"\n'
+        f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
+        f"sentinel failover-timeout {master_name} 10000\n"
+        f"user default off\nuser {primary.username} on >{primary.password} &* +@all\n"
+    )
+    proc = subprocess.Popen(
+        [REDIS_SERVER, str(conf), "--sentinel"],
+        stdout=(workdir / "sentinel.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sentinel exited: {(workdir / 'sentinel.log').read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_for(up, 10, "redis-sentinel")
+    return SentinelServer(port, proc, workdir)
 
 
 @dataclass
