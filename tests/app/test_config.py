@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,22 @@ def test_the_fleet_asks_the_sentinels_by_name_and_never_puts_a_password_in_its_s
     assert "s3cret" not in repr(settings)
     with pytest.raises(Exception, match="FLEET_REDIS_MASTER_NAME: required"):
         fleet_settings({"CELERY_BROKER_URL": env["CELERY_BROKER_URL"]})
+
+
+def test_a_quoted_sentinel_url_in_the_env_file_is_read_whole(tmp_path):
+    from celery_fleet.config import load_env_file
+
+    env_file = tmp_path / "app.env"
+    urls = "sentinel://w:pw@198.18.0.10:26379/0;sentinel://w:pw@198.18.0.11:26379/0"
+    env_file.write_text(f'CELERY_BROKER_URL="{urls}"\nFLEET_REDIS_MASTER_NAME=fleet\n')
+    env = {"FLEET_ENV_FILE": str(env_file)}
+    load_env_file(env)
+    assert env["CELERY_BROKER_URL"] == urls
+    # As the client commands read it: sh sources the file (a bare ";" would end the line).
+    shown = subprocess.run(
+        ["sh", "-c", f'set -a; . {env_file}; printf %s "$CELERY_BROKER_URL"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout == urls

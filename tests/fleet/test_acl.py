@@ -33,7 +33,7 @@ env = {}
 for line in open("/etc/celery-fleet/app.env", encoding="utf-8"):
     name, sep, value = line.strip().partition("=")
     if sep and not name.startswith("#"):
-        env[name] = value
+        env[name] = value.strip('"')
 url = env["CELERY_BROKER_URL"]
 tls = {"ssl_ca_certs": env["FLEET_REDIS_CA_FILE"]} if url.startswith("rediss://") else {}
 client = redis.Redis.from_url(url, socket_timeout=5, client_name=sys.argv[1], protocol=2, **tls)

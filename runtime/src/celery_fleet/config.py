@@ -7,6 +7,7 @@ read by the units and by ``fleet-python``/``fleet-celery``)::
     FLEET_TASK_TIME_LIMIT                      hard limit per task, s (default 300)
     FLEET_TASK_SOFT_TIME_LIMIT                 soft limit, s (default: 90 % of the hard limit)
     FLEET_VISIBILITY_TIMEOUT                   lease on a delivered message, s (default 120, >= 10)
+    FLEET_REDIS_TLS                            true: Redis (and Sentinel) serve TLS only
     FLEET_REDIS_CA_FILE                        CA to verify a rediss:// server with (optional);
                                                with Sentinel, the primary and the Sentinels
     FLEET_REDIS_MASTER_NAME                    the name Sentinel knows the primary by; required
@@ -72,7 +73,11 @@ def load_env_file(environ: dict[str, str] | None = None) -> None:
         match = _ENV_LINE.fullmatch(line)
         if not match:
             raise ConfigError(f"FLEET_ENV_FILE: {path}:{number}: expected KEY=VALUE")
-        env.setdefault(match.group(1), match.group(2))
+        value = match.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            # Quoted as sh and systemd read it (a Sentinel URL's ";" would end an sh command).
+            value = value[1:-1]
+        env.setdefault(match.group(1), value)
 
 
 def _seconds(env: Mapping[str, str], name: str, default: int, unit: str = "seconds") -> int:
@@ -134,7 +139,9 @@ def fleet_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         )
     ssl_options: dict[str, Any] | None = None
     ca_file = env.get("FLEET_REDIS_CA_FILE", "").strip()
-    if ca_file or env.get("CELERY_BROKER_URL", "").startswith("rediss://"):
+    tls = env.get("FLEET_REDIS_TLS", "").strip().lower() in ("1", "true", "yes")
+    # A sentinel:// URL does not say whether TLS is on: FLEET_REDIS_TLS does (or a CA file).
+    if tls or ca_file or env.get("CELERY_BROKER_URL", "").startswith("rediss://"):
         # The server is always verified (name and chain); without a CA file, by the system's.
         ssl_options = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
         if ca_file:

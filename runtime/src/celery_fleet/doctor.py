@@ -101,7 +101,10 @@ def _sentinels(app: Any, url: str, timeout: float) -> _Sentinels:
         for name, value in (("username", first.username), ("password", first.password))
         if value
     }
-    options = app.conf.broker_transport_options or {}
+    # An app that sets broker_transport_options itself replaces the fleet's dict (the channel
+    # fills the fleet's options back in; so does this).
+    fleet_options = config.fleet_settings()["broker_transport_options"]
+    options = {**fleet_options, **(app.conf.broker_transport_options or {})}
     master_name = options.get("master_name")
     if not master_name:
         raise DoctorError(EXIT_CONFIG, "a sentinel:// broker needs FLEET_REDIS_MASTER_NAME")

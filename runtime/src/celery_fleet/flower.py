@@ -6,6 +6,12 @@ API it asks for no credentials. The port is admitted from the operators' network
 worker names and rates. ``fleet-celery flower`` answers ``/metrics`` only to loopback and to the
 addresses in ``FLEET_FLOWER_METRICS_ALLOWED`` (comma-separated addresses or networks: the
 monitoring host's own), and 403 to every other client.
+
+With Sentinel, Flower 2.2's broker view (queue lengths: its Broker page, ``/api/queues/length``)
+asks only the first Sentinel of the URL, and gives it no credentials (only ``sentinel_kwargs``,
+which the fleet keeps free of passwords): the fleet's Sentinels refuse it. ``follow_sentinels``
+gives it every Sentinel of the URL and the URL's credentials, as the runtime does for kombu and
+Celery.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -38,6 +45,51 @@ def admits(networks: tuple[Network, ...], remote_ip: str | None) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
+
+
+def follow_sentinels() -> None:
+    """Flower's Sentinel broker view: every Sentinel of the URL, with its credentials."""
+    from flower.utils import broker  # type: ignore[import-untyped]
+    from redis.asyncio import sentinel as async_sentinel
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    from celery_fleet import config
+
+    original_init = broker.RedisSentinel.__init__
+
+    def __init__(self: Any, broker_url: str, *args: Any, **kwargs: Any) -> None:
+        self._fleet_sentinels = [
+            (part.hostname or "localhost", part.port or 26379)
+            for part in (urlsplit(chunk) for chunk in broker_url.split(";") if chunk)
+        ]
+        original_init(self, broker_url, *args, **kwargs)
+
+    def _get_redis_client(self: Any, broker_options: Any, broker_use_ssl: Any) -> Any:
+        credentials = {"username": self.username, "password": self.password}
+        # Flower's client is redis-py's asyncio one, which takes its own Retry.
+        sentinel_kwargs = {
+            **((broker_options or {}).get("sentinel_kwargs") or {}),
+            "retry": Retry(NoBackoff(), 0),
+        }
+        sentinel_kwargs = config.sentinel_kwargs_with_credentials(sentinel_kwargs, credentials)
+        connection_kwargs: dict[str, Any] = {
+            **credentials,
+            "socket_connect_timeout": self.socket_connect_timeout,
+            "socket_timeout": self.socket_timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if isinstance(broker_use_ssl, dict):
+            connection_kwargs.update(ssl=True, **broker_use_ssl)
+        # Untyped in redis-py.
+        sentinel_class: Any = async_sentinel.Sentinel
+        sentinels = sentinel_class(
+            self._fleet_sentinels, sentinel_kwargs=sentinel_kwargs, **connection_kwargs
+        )
+        return sentinels.master_for(self.master_name)
+
+    broker.RedisSentinel.__init__ = __init__
+    broker.RedisSentinel._get_redis_client = _get_redis_client
 
 
 def restrict_metrics() -> None:
