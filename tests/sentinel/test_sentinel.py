@@ -86,16 +86,14 @@ def settled(primary: str) -> bool:
     return True
 
 
-def test_three_redis_hosts_converge_and_a_second_run_changes_nothing(grown):
+def test_the_redis_host_the_fleet_grew_from_stays_the_primary(grown):
+    """Its data stays where it is: the new hosts become its replicas, each runs a Sentinel.
+    (That a second run changes nothing is checked after the failovers, the harder case.)"""
     primary = redis_primary()
     assert primary == "redis1", "the first Redis host starts as the primary"
     wait_until(lambda: settled(primary), 60, "both replicas and three Sentinels")
     for replica in REDIS_HOSTS[1:]:
         assert role(replica)[:4] == ["slave", address("redis1"), 6379, "connected"]
-    again = playbook("site.yml")
-    assert again.returncode == 0, again.stdout[-4000:]
-    changed = {host: counts["changed"] for host, counts in recap(again).items()}
-    assert set(changed.values()) == {0}, changed
 
 
 def test_the_fan_out_demo_runs_through_the_sentinels(grown):
