@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+# The URL without credentials, safe to print (every part of a Sentinel URL): the runtime's.
+from celery_fleet.doctor import redact_url
+
 DEFAULT_ENV_FILE = "/etc/fleetapp/fleetapp.env"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
@@ -157,16 +160,6 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
                 f"{name}: {text!r} is not a network in CIDR notation ({exc})"
             ) from None
     return tuple(networks)
-
-
-def redact_url(url: str) -> str:
-    """The URL without any credentials, safe to print (each part of a Sentinel URL)."""
-    shown = []
-    for part in url.split(";"):
-        parts = urlsplit(part)
-        host = parts.netloc.rpartition("@")[2]
-        shown.append(urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)))
-    return ";".join(shown)
 
 
 def _redis_url(name: str, url: str, username: str | None, password: str | None, tls: bool) -> str:

@@ -32,6 +32,7 @@ import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 MIN_VISIBILITY_TIMEOUT = 10
 _ENV_LINE = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
@@ -257,6 +258,12 @@ def install() -> None:
     Celery._fleet_installed = True  # type: ignore[attr-defined]
     _keep_fleet_backend_options()
     _authenticate_to_sentinels()
+
+
+def sentinel_addresses(url: str) -> list[tuple[str, int]]:
+    """The Sentinels of a ``sentinel://a:26379/0;sentinel://b:26379/0`` URL, as (host, port)."""
+    parts = (urlsplit(part) for part in url.split(";") if part.strip())
+    return [(part.hostname or "localhost", part.port or 26379) for part in parts]
 
 
 def sentinel_kwargs_with_credentials(

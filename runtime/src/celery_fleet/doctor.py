@@ -111,7 +111,7 @@ def _sentinels(app: Any, url: str, timeout: float) -> _Sentinels:
     kwargs = config.sentinel_kwargs_with_credentials(options.get("sentinel_kwargs"), credentials)
     kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
     return _Sentinels(
-        addresses=[(part.hostname or "", part.port or 26379) for part in parts],
+        addresses=config.sentinel_addresses(url),
         credentials=credentials,
         db=int(first.path.strip("/") or 0),
         master_name=str(master_name),

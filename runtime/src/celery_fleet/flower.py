@@ -19,7 +19,6 @@ from __future__ import annotations
 import ipaddress
 import os
 from typing import Any
-from urllib.parse import urlsplit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -59,10 +58,7 @@ def follow_sentinels() -> None:
     original_init = broker.RedisSentinel.__init__
 
     def __init__(self: Any, broker_url: str, *args: Any, **kwargs: Any) -> None:
-        self._fleet_sentinels = [
-            (part.hostname or "localhost", part.port or 26379)
-            for part in (urlsplit(chunk) for chunk in broker_url.split(";") if chunk)
-        ]
+        self._fleet_sentinels = config.sentinel_addresses(broker_url)
         original_init(self, broker_url, *args, **kwargs)
 
     def _get_redis_client(self: Any, broker_options: Any, broker_use_ssl: Any) -> Any:

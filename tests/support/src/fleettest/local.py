@@ -82,18 +82,23 @@ def start_redis(
         stderr=subprocess.STDOUT,
     )
     server = RedisServer(port, proc, workdir, username, password)
+    wait_listening(proc, port, workdir / "redis.log", "redis-server")
+    return server
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path, what: str) -> None:
+    """Until ``proc`` accepts connections on ``port``; its log if it exits first."""
 
     def up() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited: {(workdir / 'redis.log').read_text()}")
+            raise RuntimeError(f"{what} exited: {log.read_text()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return True
         except OSError:
             return False
 
-    wait_for(up, 10, "redis-server")
-    return server
+    wait_for(up, 10, what)
 
 
 def start_replica(workdir: Path, primary: RedisServer) -> RedisServer:
@@ -142,17 +147,7 @@ def start_sentinel(
         stdout=(workdir / "sentinel.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sentinel exited: {(workdir / 'sentinel.log').read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    wait_for(up, 10, "redis-sentinel")
+    wait_listening(proc, port, workdir / "sentinel.log", "redis-sentinel")
     return SentinelServer(port, proc, workdir)
 
 
