@@ -19,19 +19,31 @@ suite() { # suite NAME PYTEST-ARGS...
 }
 
 teardown() {
+  # A lab still coming up (interrupted during lint or the app tests) is stopped first.
+  if [ -n "${lab_up:-}" ]; then kill "$lab_up" 2>/dev/null; wait "$lab_up" 2>/dev/null; fi
   step "lab down"
   "$BIN/lab" down || status=1
 }
+
+# The lab comes up (on a new machine: its image built, its mirrors filled) while lint and the
+# app tests, which do not use it, run.
+"$BIN/lab" down
+trap teardown EXIT
+LAB_UP_LOG="$REPORTS/lab-up.log"
+"$BIN/lab" up >"$LAB_UP_LOG" 2>&1 &
+lab_up=$!
 
 step lint
 make --no-print-directory lint || status=1
 
 suite app tests/app
 
-step "lab up (fresh)"
-"$BIN/lab" down
-trap teardown EXIT
-if "$BIN/lab" up; then
+step "lab up (fresh, started before lint)"
+lab_up_status=0
+wait "$lab_up" || lab_up_status=$?
+lab_up=""
+cat "$LAB_UP_LOG"
+if [ "$lab_up_status" -eq 0 ]; then
   suite lab tests/lab
   suite fleet tests/fleet --durations=8
   # The same lab grown to three Redis hosts (Sentinel), then failed over.

@@ -4,6 +4,7 @@ and a Sentinel gone. Every count comes from the ledger (the webfarm), not from R
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -173,6 +174,80 @@ def test_a_replica_and_its_sentinel_stopped_change_nothing_for_the_fleet(grown):
     assert (row.raised, row.lost) == (0, []), row
     assert redis_primary() == primary
     wait_until(lambda: settled(primary), 120, "the replica to come back")
+
+
+def run_id(host: str, port: int = 6379) -> str:
+    """The run_id of the Redis server (or, on SENTINEL_PORT, the Sentinel) on ``host``: a new
+    one after every start."""
+    script = (
+        "read -r REDISCLI_AUTH; export REDISCLI_AUTH; "
+        f"{REDIS_CLI} -p {port} --no-auth-warning --user admin INFO server"
+    )
+    info = on(host, script, input=secret("redis-admin") + "\n").stdout
+    found = re.search(r"run_id:(\w+)", info)
+    assert found, info
+    return found.group(1)
+
+
+def test_a_changed_redis_conf_restarts_the_primary_only_after_a_handover(grown):
+    """site.yml finds the primary's redis.conf changed (edited by hand here, as a changed setting
+    would): it does not restart the server in place, where writes would be refused until the
+    Sentinels react, but hands the primary role over first and restarts it after the other
+    plays, as a replica. The replicas, whose files did not change, keep running."""
+    old = redis_primary()
+    wait_until(lambda: settled(old), 60, "a settled group")
+    servers = {host: run_id(host) for host in REDIS_HOSTS}
+    on(old, "echo '# edited by hand' >> /etc/redis/redis.conf")
+    result = playbook("site.yml", "--tags", "redis")
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert f"{old} handed the primary role of {MASTER_NAME} over to" in result.stdout
+    assert "edited by hand" not in on(old, "cat /etc/redis/redis.conf").stdout
+    restarted = {host: run_id(host) != servers[host] for host in REDIS_HOSTS}
+    assert restarted == {host: host == old for host in REDIS_HOSTS}, restarted
+    new = redis_primary()
+    assert new != old
+    wait_until(lambda: settled(new), 120, "the group to settle after the restart")
+
+
+def test_a_rolling_upgrade_under_load_refuses_no_publish_and_loses_nothing(grown):
+    """playbooks/upgrade-redis.yml under load restarts every Redis server and Sentinel, one host
+    at a time: the replicas first, then the primary, once it has handed its role over (writes
+    wait while a replica takes them all and is promoted). No publish raises, nothing is lost."""
+    old = redis_primary()
+    wait_until(lambda: settled(old), 60, "a settled group before the upgrade")
+    servers = {host: run_id(host) for host in REDIS_HOSTS}
+    sentinels = {host: run_id(host, SENTINEL_PORT) for host in REDIS_HOSTS}
+    stop_file = "/tmp/fleet-upgrade-redis-done"
+    upgraded: dict[str, Any] = {}
+
+    def upgrade() -> None:
+        try:
+            upgraded["result"] = playbook("playbooks/upgrade-redis.yml")
+        finally:
+            on("client1", f"touch {stop_file}")
+
+    row = Scenario(
+        "sentinel: rolling upgrade (upgrade-redis.yml)",
+        # A rate the two workers keep up with for minutes, so a delay is the upgrade's own.
+        count=size(2000, 4000),
+        rate=5,
+        stop_file=stop_file,
+    ).run(upgrade, at=3)
+    result = upgraded["result"]
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert (row.raised, row.lost, row.raised_but_ran) == (0, [], 0), row
+    assert row.published >= 5 * 30, row  # the load went on through the whole upgrade
+    # The primary went last, after handing its role over.
+    assert f"{old} handed the primary role of {MASTER_NAME} over to" in result.stdout
+    plays = [line for line in result.stdout.splitlines() if line.startswith("ok: [redis")]
+    assert plays and f"[{old}]" in plays[-1], plays[-5:]
+    new = redis_primary()
+    assert new != old
+    wait_until(lambda: settled(new), 120, "the group to settle after the upgrade")
+    restarted = {host: run_id(host) != servers[host] for host in REDIS_HOSTS}
+    assert all(restarted.values()), restarted
+    restarted = {host: run_id(host, SENTINEL_PORT) != sentinels[host] for host in REDIS_HOSTS}
+    assert all(restarted.values()), restarted
 
 
 def test_a_run_after_the_failovers_changes_nothing_and_keeps_the_primary(grown):

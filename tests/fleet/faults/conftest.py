@@ -167,6 +167,9 @@ def drain(name: str, run_id: str, publishes: list[list[Any]], timeout: float) ->
     row = with_results(name, publishes, run_id)
     if row.failed:
         print(f"{name}: {len(row.failed)} task(s) ran and reported a failed fetch: {row.failed}")
+    raised = [(n, sent_at, error) for n, _task_id, sent_at, error in publishes if error]
+    if raised:
+        print(f"{name}: {len(raised)} publish(es) raised, first: {raised[:3]}")
     if row.lost:
         # The evidence a lost task leaves, printed with the failure: its task id (for the
         # workers' journals), what the webfarm saw of it, and what Redis still holds.
