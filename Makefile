@@ -10,7 +10,7 @@ VENV_STAMP := $(VENV)/.venv-stamp
 DEBS_STAMP := $(VENV)/.debs-stamp
 DEB_PKGS  := debootstrap systemd-container iproute2 apt-cacher-ng openssh-client redis-server nftables curl
 TUTORIAL_URLS := $(foreach i,1 2 3 4 5,http://198.18.0.1:8080/tutorial/$(i))
-PACKAGES  := lab app runtime tests/support
+PACKAGES  := lab app runtime cli tests/support
 VENV_INPUTS := ansible/requirements.in ansible/constraints.txt $(addsuffix /pyproject.toml,$(PACKAGES))
 
 .PHONY: help venv setup demo test faults lint lab-up lab-down bench bench-app deploy clean

@@ -49,3 +49,30 @@ def test_only_the_flower_subcommand_restricts_metrics(
     """fleet-celery restricts /metrics for `flower` alone: a queue named flower is no Flower
     (and a worker host need not have Flower installed)."""
     assert _subcommand(argv) == subcommand
+
+
+def test_flower_exports_when_it_last_heard_from_each_worker() -> None:
+    """celery_fleet_worker_last_heartbeat_timestamp_seconds: set on each heartbeat (Flower's
+    clock), left alone by task events, removed with the worker when Flower purges it."""
+    import time
+
+    from celery_fleet.flower import record_heartbeats
+    from flower import events  # type: ignore[import-untyped]
+    from prometheus_client import REGISTRY
+
+    record_heartbeats()
+    metrics = events.get_prometheus_metrics()
+    name = "celery_fleet_worker_last_heartbeat_timestamp_seconds"
+
+    def last(worker: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"worker": worker})
+
+    before = time.time()
+    metrics.observe_worker("default@worker1", {"type": "worker-heartbeat", "active": 0})
+    seen = last("default@worker1")
+    assert seen is not None and before <= seen <= time.time()
+    metrics.observe_worker("default@worker1", {"type": "worker-offline"})
+    assert last("default@worker1") == seen  # a goodbye is no heartbeat
+    assert last("network@worker2") is None
+    metrics.remove_workers(["default@worker1"])
+    assert last("default@worker1") is None

@@ -41,3 +41,13 @@ def test_hang_does_not_block_shutdown():
     assert time.monotonic() - started < 2
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_webhook_records_what_is_posted_and_refuses_what_is_not_json(webfarm):
+    hook = f"{webfarm.url}/webhook/alerts"
+    assert requests.post(hook, json={"status": "firing"}, timeout=5).status_code == 200
+    assert requests.post(hook, data=b"not json", timeout=5).status_code == 400
+    received = requests.get(hook, timeout=5).json()["received"]
+    assert [entry["body"] for entry in received] == [{"status": "firing"}]
+    assert requests.delete(hook, timeout=5).status_code == 200
+    assert requests.get(hook, timeout=5).json()["received"] == []

@@ -30,6 +30,18 @@ def flower(path: str, auth: bool = True) -> requests.Response:
     return requests.get(url, auth=credentials, timeout=10, verify=str(CA_CERT))
 
 
+def node_targets() -> set[str]:
+    """The hosts whose node exporter Prometheus scrapes."""
+    response = requests.get(
+        f"https://{address('monitor1')}:9090/api/v1/targets?state=active",
+        auth=("admin", secret("flower")),
+        timeout=10,
+        verify=str(CA_CERT),
+    )
+    targets = response.json()["data"]["activeTargets"]
+    return {t["labels"]["instance"] for t in targets if t["labels"]["job"] == "node"}
+
+
 def fetch_from_client(urls: list[str], *extra: str) -> dict:
     result = ssh("client1", " ".join(["fleetapp", "fetch", "--json", *extra, *urls]), timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -151,9 +163,11 @@ def test_scale_out_then_in_leaves_the_other_workers_alone():
     before = {host: started_at(host) for host in ("worker1", "worker2")}
     lab("add", "worker3")
     try:
-        result = playbook("site.yml", "--limit", "worker3,redis")
+        # The monitor host too: Prometheus scrapes the new host from this run on.
+        result = playbook("site.yml", "--limit", "worker3,redis,monitor")
         assert result.returncode == 0, result.stdout[-6000:]
         assert "worker3" in flower_workers(expect="worker3")
+        assert "worker3" in node_targets()
         report = fetch_from_client([f"{WEB}/delay/1?i={i}" for i in range(60)])
         assert "worker3" in workers_that_ran(report)
         assert {host: started_at(host) for host in ("worker1", "worker2")} == before
@@ -167,6 +181,8 @@ def test_scale_out_then_in_leaves_the_other_workers_alone():
         ruleset = on("redis1", "nft list ruleset").stdout
         assert address("worker3") not in ruleset
         assert address("worker1") in ruleset
+        # Prometheus forgot it (no ScrapeTargetDown for a host retired on purpose).
+        assert node_targets() == {"redis1", "worker1", "worker2", "client1", "monitor1"}
     finally:
         lab("remove", "worker3")
     assert {host: started_at(host) for host in ("worker1", "worker2")} == before

@@ -36,7 +36,6 @@ NOBODY_BUT_ADMIN = [
     "SHUTDOWN",
     "ACL LIST",
     "MONITOR",
-    "INFO",
     "CLIENT KILL ID 1",
     "SCRIPT FLUSH",
     "EVAL return 0",
@@ -86,9 +85,20 @@ ALLOWED = {
         f"PSUBSCRIBE {P}/0.celeryev/*",
         f"ZADD {P}_kombu.binding_deadlines 1 celeryev",
     ],
+    # prometheus-redis-exporter: statistics, and the lengths of the app's queues and unacked.
+    "exporter": [
+        "INFO ALL",
+        "LATENCY LATEST",
+        "SLOWLOG LEN",
+        "SLOWLOG GET 1",
+        f"TYPE {P}network",
+        f"LLEN {P}network",
+        f"HLEN {P}unacked",
+        f"ZCARD {P}unacked_index",
+    ],
 }
 FORBIDDEN = {
-    "worker": ["PSUBSCRIBE *", "EVAL return 0", "GET otherapp:x"],
+    "worker": ["PSUBSCRIBE *", "EVAL return 0", "GET otherapp:x", "INFO"],
     "client": [
         f"DEL {P}network",
         f"DEL {P}unacked",
@@ -101,6 +111,7 @@ FORBIDDEN = {
         f"SADD {P}_kombu.binding.unacked x",
         f"LPUSH {P}unacked x",
         "EVALSHA 0000000000000000000000000000000000000000 0",
+        "INFO",
     ],
     "flower": [
         f"DEL {P}unacked",
@@ -110,9 +121,21 @@ FORBIDDEN = {
         f"DEL {P}network",
         f"SREM {P}_kombu.binding.network x",
         "EVALSHA 0000000000000000000000000000000000000000 0",
+        "INFO",
+    ],
+    # CONFIG GET would show it masterauth (the replicas' password); it reads no value, writes none.
+    "exporter": [
+        "CONFIG GET masterauth",
+        f"GET {P}celery-task-meta-x",
+        f"HGETALL {P}unacked",
+        f"LRANGE {P}network 0 -1",
+        "LLEN otherapp:celery",
+        f"LPUSH {P}network x",
+        f"DEL {P}unacked",
+        "PUBLISH x y",
     ],
 }
-TIERS = ("worker", "client", "flower")
+TIERS = ("worker", "client", "flower", "exporter")
 
 
 def _resolve(host, name):

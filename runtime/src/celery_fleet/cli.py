@@ -87,9 +87,10 @@ def main() -> None:
         sys.argv.insert(1, f"--app={app}")
 
     if _subcommand(sys.argv[1:]) == "flower":
-        from celery_fleet.flower import follow_sentinels, restrict_metrics
+        from celery_fleet.flower import follow_sentinels, record_heartbeats, restrict_metrics
 
         restrict_metrics()
+        record_heartbeats()
         follow_sentinels()
 
     from celery.bin.celery import main as celery_main

@@ -12,6 +12,9 @@ asks only the first Sentinel of the URL, and gives it no credentials (only ``sen
 which the fleet keeps free of passwords): the fleet's Sentinels refuse it. ``follow_sentinels``
 gives it every Sentinel of the URL and the URL's credentials, as the runtime does for kombu and
 Celery.
+
+``record_heartbeats`` exports when Flower last heard from each worker, which Flower's own
+metrics cannot tell (the fleet's alert rules need it to see a worker that died without a word).
 """
 
 from __future__ import annotations
@@ -103,3 +106,41 @@ def restrict_metrics() -> None:
         return prepare(self)
 
     Metrics.prepare = prepare_for_allowed
+
+
+def record_heartbeats() -> None:
+    """Export when Flower last heard from each worker.
+
+    Flower 2.2's metrics cannot tell a dead worker from a live one: ``flower_worker_online`` goes
+    to 0 only on a worker-offline event (a killed worker, or a host that lost power, sends none)
+    and ``flower_events_total`` counts task events alone. This gauge is set, on Flower's clock,
+    at each worker-online and worker-heartbeat event (every 2 s from a live worker), and removed
+    when Flower purges the worker; the alert rules compare it with the time.
+    """
+    import contextlib
+    import time
+
+    from flower import events  # type: ignore[import-untyped]
+    from prometheus_client import Gauge
+
+    last_heartbeat = Gauge(
+        "celery_fleet_worker_last_heartbeat_timestamp_seconds",
+        "When Flower last received a heartbeat or online event of the worker (Unix time).",
+        ["worker"],
+    )
+    observe_worker = events.PrometheusMetrics.observe_worker
+    remove_workers = events.PrometheusMetrics.remove_workers
+
+    def observe(self: Any, worker: str, event: dict[str, Any]) -> None:
+        observe_worker(self, worker, event)
+        if event.get("type") in ("worker-online", "worker-heartbeat"):
+            last_heartbeat.labels(worker).set(time.time())
+
+    def remove(self: Any, worker_names: Any) -> Any:
+        for worker in worker_names:
+            with contextlib.suppress(KeyError):  # never heard from
+                last_heartbeat.remove(worker)
+        return remove_workers(self, worker_names)
+
+    events.PrometheusMetrics.observe_worker = observe
+    events.PrometheusMetrics.remove_workers = remove

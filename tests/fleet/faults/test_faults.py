@@ -489,6 +489,7 @@ REDIS_USERS = {
     "client": "redis-client",
     "flower": "redis-flower",
     "admin": "redis-admin",
+    "exporter": "redis-exporter",
 }
 ROTATED = [*REDIS_USERS.values(), "flower"]
 
@@ -609,8 +610,8 @@ def test_secret_rotation_under_load_fails_nothing_and_loses_nothing():
     new = {name: secret(name) for name in ROTATED}
     assert all(new[name] != old[name] for name in ROTATED)
     users = list(REDIS_USERS.items())
-    assert redis_accepts({user: old[name] for user, name in users}) == ["refused"] * 4
-    assert redis_accepts({user: new[name] for user, name in users}) == ["accepted"] * 4
+    assert redis_accepts({user: old[name] for user, name in users}) == ["refused"] * len(users)
+    assert redis_accepts({user: new[name] for user, name in users}) == ["accepted"] * len(users)
     assert flower_answers(old["flower"]) == "401"
     assert flower_answers(new["flower"]) == "200"
     keys_after = public_keys()

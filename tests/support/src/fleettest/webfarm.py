@@ -10,6 +10,8 @@ Endpoints (GET and HEAD):
     /redirect/<n>      n redirects (302) ending at /delay/0
     /tutorial/<i>      i in 1..5: the tutorial's five URLs, delays summing to 7.6 s
     /ledger/<run>      the execution ledger of a run (GET: JSON, DELETE: forget it)
+    /webhook/<name>    a webhook receiver (POST: record the JSON body, GET: what it recorded,
+                       DELETE: forget it): the lab's Alertmanager posts its alerts here
     /                  a short index
 
 The execution ledger: any request whose query has ``ledger=<run>.<n>`` is recorded under that
@@ -40,6 +42,7 @@ TUTORIAL_DELAYS: tuple[float, ...] = (1.2, 1.9, 1.3, 2.2, 1.0)
 MAX_DELAY = 60.0
 MAX_BYTES = 1 << 30
 MAX_REDIRECTS = 50
+MAX_WEBHOOK_BODY = 1 << 20
 _CHUNK = 64 * 1024
 # Connections waiting to be accepted: hundreds of workers' greenlets connect at once.
 LISTEN_BACKLOG = 4096
@@ -74,6 +77,26 @@ class Ledger:
             self._runs.pop(run, None)
 
 
+class Webhooks:
+    """JSON bodies posted to each webhook, with their arrival, kept in this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._received: dict[str, list[dict[str, object]]] = {}
+
+    def record(self, name: str, body: object) -> None:
+        with self._lock:
+            self._received.setdefault(name, []).append({"at": time.time(), "body": body})
+
+    def get(self, name: str) -> list[dict[str, object]]:
+        with self._lock:
+            return list(self._received.get(name, []))
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._received.pop(name, None)
+
+
 class WebFarm(ThreadingHTTPServer):
     """ThreadingHTTPServer that can release its sleeping/hanging handlers on shutdown."""
 
@@ -88,6 +111,7 @@ class WebFarm(ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.verbose = verbose
         self.ledger = Ledger()
+        self.webhooks = Webhooks()
         self._thread: threading.Thread | None = None
 
     @property
@@ -134,13 +158,31 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch(head=False)
 
     def do_DELETE(self) -> None:
-        match = re.fullmatch(r"/ledger/([A-Za-z0-9_-]{1,64})", self.path)
+        match = re.fullmatch(r"/(ledger|webhook)/([A-Za-z0-9_-]{1,64})", self.path)
         if not match:
-            payload = {"error": "only /ledger/<run> can be deleted"}
+            payload = {"error": "only /ledger/<run> and /webhook/<name> can be deleted"}
             self._send(HTTPStatus.NOT_FOUND, payload, head=False)
             return
-        self.server.ledger.forget(match.group(1))
-        self._send(HTTPStatus.OK, {"forgotten": match.group(1)}, head=False)
+        store = self.server.ledger if match.group(1) == "ledger" else self.server.webhooks
+        store.forget(match.group(2))
+        self._send(HTTPStatus.OK, {"forgotten": match.group(2)}, head=False)
+
+    def do_POST(self) -> None:
+        match = re.fullmatch(r"/webhook/([A-Za-z0-9_-]{1,64})", self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        if not match or not 0 < length <= MAX_WEBHOOK_BODY:
+            payload = {
+                "error": f"POST a JSON body of 1..{MAX_WEBHOOK_BODY} bytes to /webhook/<name>"
+            }
+            self._send(HTTPStatus.BAD_REQUEST, payload, head=False)
+            return
+        try:
+            body = json.loads(self.rfile.read(length))
+        except ValueError:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": "the body is not JSON"}, head=False)
+            return
+        self.server.webhooks.record(match.group(1), body)
+        self._send(HTTPStatus.OK, {"recorded": match.group(1)}, head=False)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -168,6 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
             (r"/redirect/(\d+)", self._redirect),
             (r"/tutorial/(\d+)", self._tutorial),
             (r"/ledger/([A-Za-z0-9_-]{1,64})", self._ledger),
+            (r"/webhook/([A-Za-z0-9_-]{1,64})", self._webhook),
             (r"/?", self._index),
         ]
         for pattern, handler in routes:
@@ -204,6 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "/redirect/<n>",
                     "/tutorial/<1..5>",
                     "/ledger/<run>",
+                    "/webhook/<name>",
                 ]
             },
             head=head,
@@ -277,6 +321,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _ledger(self, run: str, *, head: bool) -> None:
         payload = {"run": run, "executions": self.server.ledger.get(run)}
         self._send(HTTPStatus.OK, payload, head=head)
+
+    def _webhook(self, name: str, *, head: bool) -> None:
+        self._send(
+            HTTPStatus.OK, {"name": name, "received": self.server.webhooks.get(name)}, head=head
+        )
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, *, verbose: bool = False) -> WebFarm:

@@ -1,0 +1,1 @@
+"""celery-fleet on the control node."""
