@@ -82,10 +82,9 @@ def test_every_target_of_the_inventory_is_scraped_and_up():
     def all_up() -> list[dict[str, Any]] | None:
         found = targets()
         seen = {(t["labels"]["job"], t["labels"]["instance"]) for t in found}
-        assert seen == expected
-        return found if all(t["health"] == "up" for t in found) else None
+        return found if seen == expected and all(t["health"] == "up" for t in found) else None
 
-    found = wait_for("every target up", all_up, timeout=90)
+    found = wait_for(f"exactly these targets, all up: {sorted(expected)}", all_up, timeout=90)
     assert all(t["scrapeUrl"].startswith("https://") for t in found), found
 
 
