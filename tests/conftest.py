@@ -42,6 +42,17 @@ def on(
     return result
 
 
+def address(name: str) -> str:
+    """A lab machine's address on the bridge."""
+    return str(lab_status()[name]["address"])
+
+
+def reaches(source: str, address: str, port: int) -> bool:
+    """Whether a TCP connection from a lab machine to address:port is accepted within 3 s."""
+    probe = f"timeout 3 bash -c '</dev/tcp/{address}/{port}'"
+    return on(source, probe, check=False).returncode == 0
+
+
 def ssh(host: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run a command over SSH, the way Ansible reaches the machine."""
     return lab("ssh", host, "--", command, check=False, timeout=timeout)

@@ -168,6 +168,8 @@ def deployed() -> subprocess.CompletedProcess[str]:
 
 
 def sandbox_exposure(host: Any, unit: str) -> float:
-    """systemd's own score of a unit's sandbox (0 = locked down, 10 = exposed; <= 2.5 is "OK")."""
-    out = host.check_output(f"systemd-analyze security --no-pager {unit}")
+    """systemd's own score of a unit's sandbox (0 = locked down, 10 = exposed; <= 2.5 is "OK"),
+    on a testinfra host or a lab machine (by name)."""
+    command = f"systemd-analyze security --no-pager {unit}"
+    out = on(host, command).stdout if isinstance(host, str) else host.check_output(command)
     return float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)[1])

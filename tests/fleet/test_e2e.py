@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import lab, lab_status, on, ssh
+from tests.conftest import address, lab, on, ssh
 from tests.fleet.conftest import CA_CERT, KEY_PREFIX, TLS_DIR, playbook, secret
 from tests.fleet.faults.conftest import redis_cli
 
@@ -18,10 +18,6 @@ pytestmark = pytest.mark.timeout(900)
 
 WEB = "http://198.18.0.1:8080"
 TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def address(name: str) -> str:
-    return lab_status()[name]["address"]
 
 
 def flower(path: str, auth: bool = True) -> requests.Response:

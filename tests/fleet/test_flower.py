@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 import requests
 
-from tests.conftest import on
+from tests.conftest import on, reaches
 from tests.fleet.conftest import (
     CA_CERT,
     FLEET_DEFAULTS,
@@ -163,18 +163,12 @@ def test_systemd_rates_the_flower_sandbox_ok(host):
     assert sandbox_exposure(host, "flower.service") <= 2.5
 
 
-def reaches_flower(source: str, address: str) -> bool:
-    """Whether a TCP connection from a lab machine to Flower's port is accepted within 3 s."""
-    probe = f"timeout 3 bash -c '</dev/tcp/{address}/{PORT}'"
-    return on(source, probe, check=False).returncode == 0
-
-
 def test_only_the_allowed_networks_reach_flower(host):
     """fleet_flower_allowed_networks (the lab host) and the monitor itself; no fleet host."""
     address = variable(host, "fleet_private_address")
-    assert reaches_flower("monitor1", address)
+    assert reaches("monitor1", address, PORT)
     for source in ("client1", "worker1", "redis1"):
-        assert not reaches_flower(source, address), f"{source} reaches Flower"
+        assert not reaches(source, address, PORT), f"{source} reaches Flower"
     ruleset = host.run("nft list table inet celery_fleet_flower").stdout
     assert f"tcp dport != {PORT} accept" in ruleset and "198.18.0.1" in ruleset
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import LAB_NAMES, REPO, lab_status, on
-from tests.fleet.conftest import CA_CERT, secret
+from tests.conftest import LAB_NAMES, REPO, address, on, reaches
+from tests.fleet.conftest import CA_CERT, sandbox_exposure, secret
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -31,10 +31,6 @@ UNITS = {
     "prometheus-node-exporter.service": LAB_NAMES,
     "prometheus-redis-exporter.service": ["redis1"],
 }
-
-
-def address(name: str) -> str:
-    return str(lab_status()[name]["address"])
 
 
 def api(
@@ -99,11 +95,6 @@ def test_the_ui_and_api_refuse_anonymous_and_wrong_passwords():
         assert api(port, "/-/ready").status_code == 200
 
 
-def reaches(source: str, target: str, port: int) -> bool:
-    probe = f"timeout 3 bash -c '</dev/tcp/{address(target)}/{port}'"
-    return on(source, probe, check=False).returncode == 0
-
-
 @pytest.mark.parametrize(("target", "port"), [("worker1", 9100), ("redis1", 9121)])
 def test_an_exporter_answers_the_monitor_host_with_its_certificate_only(target, port):
     url = f"https://{address(target)}:{port}/metrics"
@@ -116,9 +107,9 @@ def test_an_exporter_answers_the_monitor_host_with_its_certificate_only(target, 
     )
     assert "# TYPE" in with_certificate.stdout
     # The other hosts are dropped at the port (its key is readable by root on the monitor only).
-    assert reaches("monitor1", target, port)
+    assert reaches("monitor1", address(target), port)
     for source in ("client1", "worker2"):
-        assert not reaches(source, target, port), f"{source} reaches {target}:{port}"
+        assert not reaches(source, address(target), port), f"{source} reaches {target}:{port}"
 
 
 def test_nothing_new_listens_on_a_wildcard_address():
@@ -151,10 +142,7 @@ def test_redis_is_read_through_the_exporters_own_user():
 
 @pytest.mark.parametrize("unit", sorted(UNITS))
 def test_systemd_rates_the_sandbox_ok(unit):
-    name = UNITS[unit][0]
-    out = on(name, f"systemd-analyze security --no-pager {unit}").stdout
-    exposure = float(out.rsplit("Overall exposure level for", 1)[1].split(":")[1].split()[0])
-    assert exposure <= 2.5, (unit, exposure)
+    assert sandbox_exposure(UNITS[unit][0], unit) <= 2.5
 
 
 def test_the_alert_rules_pass_their_promtool_tests():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.conftest import lab_status, on
+from tests.conftest import address, on
 from tests.fleet.conftest import CA_CERT, SECRETS, TLS_DIR, playbook, recap
 
 pytestmark = pytest.mark.timeout(900)
@@ -18,10 +18,6 @@ OTHER_CA = (
     "test -s /tmp/other-ca.crt || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256"
     " -nodes -keyout /tmp/other-ca.key -out /tmp/other-ca.crt -subj /CN=other-ca -days 1"
 )
-
-
-def address(name: str) -> str:
-    return lab_status()[name]["address"]
 
 
 # PING with redis-py, as the app connects (client hosts have no redis-cli), without a password.

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import lab, lab_status, on
+from tests.conftest import address, lab, on
 from tests.fleet.conftest import (
     MASTER_NAME,
     REDIS_CLI,
@@ -52,10 +52,6 @@ def sentinel_view(host: str) -> dict[str, str]:
 
 def role(host: str) -> list[Any]:
     return list(json.loads(redis_admin("ROLE", host=host)))
-
-
-def address(host: str) -> str:
-    return str(lab_status()[host]["address"])
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:
