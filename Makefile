@@ -8,7 +8,8 @@ PY        := $(BIN)/python
 LAB       := $(BIN)/lab
 VENV_STAMP := $(VENV)/.venv-stamp
 DEBS_STAMP := $(VENV)/.debs-stamp
-DEB_PKGS  := debootstrap systemd-container iproute2 apt-cacher-ng openssh-client redis-server nftables curl
+DEB_PKGS  := debootstrap systemd-container iproute2 apt-cacher-ng openssh-client redis-server nftables curl \
+             chromium chromium-driver libnss3-tools
 TUTORIAL_URLS := $(foreach i,1 2 3 4 5,http://198.18.0.1:8080/tutorial/$(i))
 PACKAGES  := lab app runtime cli tests/support
 VENV_INPUTS := ansible/requirements.in ansible/constraints.txt $(addsuffix /pyproject.toml,$(PACKAGES))
@@ -37,12 +38,14 @@ $(DEBS_STAMP): $(VENV_STAMP)
 	fi
 	@touch $@
 
-demo: setup ## The main job: lab up, deploy site.yml, run the tutorial's fan-out from client1
+demo: setup ## The main job: lab up, deploy site.yml, the tutorial's fan-out from client1, screenshots
 	$(LAB) up
 	$(BIN)/ansible-playbook site.yml
 	@echo "==> The tutorial's five URLs from client1: sequentially, then fanned out over the workers"
 	$(LAB) ssh client1 -- fleetapp fetch --compare $(TUTORIAL_URLS)
 	@$(BIN)/ansible-playbook playbooks/summary.yml | sed -n '/msg:/,/^$$/p'
+	@echo "==> Flower and Prometheus as a browser shows them (headless Chromium)"
+	$(BIN)/fleet screenshots
 
 test: setup ## Every test: lint, app tests, lab and deployment tests on a fresh lab (torn down after)
 	bash tests/run.sh

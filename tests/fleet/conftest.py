@@ -7,15 +7,17 @@ import os
 import re
 import shlex
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 from fleettest.commands import BIN, run
 
-from tests.conftest import LAB_NAMES, REPO, lab_status, on
+from tests.conftest import LAB_NAMES, REPO, address, lab_status, on
 
 SECRETS = Path(os.environ.get("HOME", "/root")) / ".celery-fleet" / "secrets" / "lab"
 # The fleet's CA on the control node, and on every host (roles/pki): Redis and Flower serve TLS.
@@ -173,3 +175,59 @@ def sandbox_exposure(host: Any, unit: str) -> float:
     command = f"systemd-analyze security --no-pager {unit}"
     out = on(host, command).stdout if isinstance(host, str) else host.check_output(command)
     return float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)[1])
+
+
+def api(
+    port: int, path: str, auth: tuple[str, str] | None = None, **params: str
+) -> requests.Response:
+    """Prometheus (9090) or Alertmanager (9093), as the lab host's operator (Flower's user)."""
+    return requests.get(
+        f"https://{address('monitor1')}:{port}{path}",
+        params=params,
+        auth=auth or ("admin", secret("flower")),
+        timeout=10,
+        verify=str(CA_CERT),
+    )
+
+
+def targets() -> list[dict[str, Any]]:
+    """Prometheus's active targets, as its API lists them."""
+    response = api(9090, "/api/v1/targets", state="active")
+    assert response.status_code == 200, response.text
+    return list(response.json()["data"]["activeTargets"])
+
+
+# (job, instance) of every target the lab's inventory makes: Prometheus itself, Flower, a node
+# exporter on every host, a Redis exporter per Redis host.
+LAB_TARGETS = {("prometheus", "monitor1"), ("flower", "monitor1"), ("redis", "redis1")} | {
+    ("node", name) for name in LAB_NAMES
+}
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 5) -> Any:
+    """``check()``'s first true result; fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:.0f} s: {what}")
+        time.sleep(every)
+
+
+def every_target_up(timeout: float = 90) -> list[dict[str, Any]]:
+    """Prometheus's targets once they are exactly the lab's (LAB_TARGETS), all up."""
+
+    def all_up() -> list[dict[str, Any]] | None:
+        found = targets()
+        seen = {(t["labels"]["job"], t["labels"]["instance"]) for t in found}
+        return found if seen == LAB_TARGETS and all(t["health"] == "up" for t in found) else None
+
+    return list(wait_for(f"exactly these targets, all up: {sorted(LAB_TARGETS)}", all_up, timeout))
+
+
+def fleet(*args: str) -> subprocess.CompletedProcess[str]:
+    """The `fleet` command (cli/) as an operator runs it, on a wide terminal without colour."""
+    env = {**os.environ, "COLUMNS": "220", "NO_COLOR": "1"}
+    return run([str(BIN / "fleet"), *args], cwd=REPO, env=env, timeout=300)

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from tests.conftest import address, lab, on, ssh
-from tests.fleet.conftest import CA_CERT, KEY_PREFIX, TLS_DIR, playbook, secret
+from tests.fleet.conftest import CA_CERT, KEY_PREFIX, TLS_DIR, playbook, secret, targets
 from tests.fleet.faults.conftest import redis_cli
 
 pytestmark = pytest.mark.timeout(900)
@@ -31,14 +31,7 @@ def node_targets(expected: set[str], timeout: float = 30) -> set[str]:
     applies a reloaded configuration's targets within 5 s) or `timeout` has passed."""
     deadline = time.monotonic() + timeout
     while True:
-        response = requests.get(
-            f"https://{address('monitor1')}:9090/api/v1/targets?state=active",
-            auth=("admin", secret("flower")),
-            timeout=10,
-            verify=str(CA_CERT),
-        )
-        targets = response.json()["data"]["activeTargets"]
-        found = {t["labels"]["instance"] for t in targets if t["labels"]["job"] == "node"}
+        found = {t["labels"]["instance"] for t in targets() if t["labels"]["job"] == "node"}
         if found == expected or time.monotonic() > deadline:
             return found
         time.sleep(1)

@@ -7,8 +7,6 @@ the monitor host (the only one their firewall admits) with and without its certi
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from typing import Any
 
@@ -16,7 +14,15 @@ import pytest
 import requests
 
 from tests.conftest import LAB_NAMES, REPO, address, on, reaches
-from tests.fleet.conftest import CA_CERT, sandbox_exposure, secret
+from tests.fleet.conftest import (
+    CA_CERT,
+    api,
+    every_target_up,
+    fleet,
+    sandbox_exposure,
+    secret,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -33,36 +39,6 @@ UNITS = {
 }
 
 
-def api(
-    port: int, path: str, auth: tuple[str, str] | None = None, **params: str
-) -> requests.Response:
-    """Prometheus (9090) or Alertmanager (9093), as the lab host's operator (Flower's user)."""
-    return requests.get(
-        f"https://{address('monitor1')}:{port}{path}",
-        params=params,
-        auth=auth or ("admin", secret("flower")),
-        timeout=10,
-        verify=str(CA_CERT),
-    )
-
-
-def targets() -> list[dict[str, Any]]:
-    response = api(9090, "/api/v1/targets?state=active")
-    assert response.status_code == 200, response.text
-    return list(response.json()["data"]["activeTargets"])
-
-
-def wait_for(what: str, check: Any, timeout: float, every: float = 5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:.0f} s: {what}")
-        time.sleep(every)
-
-
 @pytest.mark.parametrize("unit", sorted(UNITS))
 def test_each_service_runs_where_it_belongs(unit):
     for name in LAB_NAMES:
@@ -72,15 +48,7 @@ def test_each_service_runs_where_it_belongs(unit):
 
 def test_every_target_of_the_inventory_is_scraped_and_up():
     """Prometheus itself, Flower, a node exporter on every host, a Redis exporter per Redis host."""
-    expected = {("prometheus", "monitor1"), ("flower", "monitor1"), ("redis", "redis1")}
-    expected |= {("node", name) for name in LAB_NAMES}
-
-    def all_up() -> list[dict[str, Any]] | None:
-        found = targets()
-        seen = {(t["labels"]["job"], t["labels"]["instance"]) for t in found}
-        return found if seen == expected and all(t["health"] == "up" for t in found) else None
-
-    found = wait_for(f"exactly these targets, all up: {sorted(expected)}", all_up, timeout=90)
+    found = every_target_up()
     assert all(t["scrapeUrl"].startswith("https://") for t in found), found
 
 
@@ -153,21 +121,9 @@ def test_the_alert_rules_pass_their_promtool_tests():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def fleet_status() -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "220", "NO_COLOR": "1"}
-    return subprocess.run(
-        [str(REPO / ".venv" / "bin" / "fleet"), "status"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=env,
-    )
-
-
 def test_fleet_status_shows_the_whole_fleet():
     """Every host with its units and workers, the queues, Redis; nothing wrong: exit status 0."""
-    shown = fleet_status()
+    shown = fleet("status")
     assert shown.returncode == 0, shown.stdout + shown.stderr
     for name in LAB_NAMES:
         assert name in shown.stdout
@@ -213,7 +169,7 @@ def test_a_stopped_worker_is_reported_to_the_receiver_and_resolved_when_it_is_ba
         print(f"\nCeleryWorkerOffline posted {time.monotonic() - stopped:.0f} s after the stop")
         assert fired[0]["labels"]["severity"] == "critical"
         # fleet status shows it, the stopped unit, and says something is wrong (exit status 2).
-        shown = fleet_status()
+        shown = fleet("status")
         assert shown.returncode == 2, shown.stdout + shown.stderr
         assert "CeleryWorkerOffline" in shown.stdout and "celery-worker@default" in shown.stdout
     finally:

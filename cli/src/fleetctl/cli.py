@@ -1,13 +1,17 @@
-"""`fleet status`: the whole fleet in one screen, from its Prometheus."""
+"""`fleet`: the whole fleet from the control node (status; screenshots of its dashboards)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from fleetctl import status
+
+SCREENSHOTS = status.REPO / ".build" / "screenshots"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,11 +21,21 @@ def main(argv: list[str] | None = None) -> int:
         "status",
         help="hosts, units, workers per queue, queues, unacked, Redis, firing alerts",
     )
-    show.add_argument(
-        "-i", "--inventory", help="the inventory (default: ansible.cfg's, inventory/lab)"
+    shots = commands.add_parser(
+        "screenshots",
+        help="Flower (workers, tasks) and Prometheus (targets, alerts) in headless Chromium",
     )
+    shots.add_argument(
+        "-o", "--out", type=Path, default=SCREENSHOTS, help=f"where (default: {SCREENSHOTS})"
+    )
+    for command in (show, shots):
+        command.add_argument(
+            "-i", "--inventory", help="the inventory (default: ansible.cfg's, inventory/lab)"
+        )
     args = parser.parse_args(argv)
     console = Console()
+    if args.command == "screenshots":
+        return screenshots(args.inventory, args.out, console)
     try:
         with console.status("Asking Ansible where the fleet's Prometheus is...") as progress:
             source = status.prometheus_source(args.inventory)
@@ -32,6 +46,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     status.render(fleet, console)
     return 0 if not fleet.problems() else 2
+
+
+def screenshots(inventory: str | None, out: Path, console: Console) -> int:
+    # Imported here: `fleet status` does not need Selenium.
+    from fleetctl import browser
+
+    try:
+        with console.status("Asking Ansible where the monitor host is..."):
+            source = status.monitor_source(inventory)
+        with console.status(f"Opening Flower and Prometheus in headless Chromium ({out})..."):
+            shots = browser.capture(source, out)
+    except status.StatusError as exc:
+        console.print(f"[red]fleet screenshots:[/] {exc}")
+        return 1
+    table = Table(title="What the dashboards show", title_justify="left")
+    table.add_column("page")
+    table.add_column("shows")
+    table.add_column("screenshot", overflow="fold")
+    for shot in shots:
+        problems = shot.problems()
+        shows = shot.summary() + "".join(f"\n[red]{problem}[/]" for problem in problems)
+        table.add_row(shot.page, shows, str(shot.screenshot))
+    console.print(table)
+    return 0 if not any(shot.problems() for shot in shots) else 2
 
 
 if __name__ == "__main__":

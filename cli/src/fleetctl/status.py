@@ -32,7 +32,10 @@ class StatusError(Exception):
 
 @dataclass(frozen=True)
 class Source:
-    url: str
+    """Where the monitor host's services are, and Flower's user and password (theirs too)."""
+
+    url: str  # Prometheus; empty without metrics
+    flower: str
     user: str
     password: str
     ca: str
@@ -75,6 +78,14 @@ class Fleet:
 
 def prometheus_source(inventory: str | None = None) -> Source:
     """Prometheus's URL, user, password and CA, from the inventory through Ansible."""
+    source = monitor_source(inventory)
+    if not source.url:
+        raise StatusError("the inventory has no monitor host (no Prometheus)")
+    return source
+
+
+def monitor_source(inventory: str | None = None) -> Source:
+    """The monitor host's URLs, user, password and CA, from the inventory through Ansible."""
     command = [str(Path(sys.executable).parent / "ansible-playbook"), str(STATUS_PLAYBOOK)]
     if inventory:
         command += ["-i", inventory]
@@ -94,9 +105,9 @@ def prometheus_source(inventory: str | None = None) -> Source:
             for result in task.get("hosts", {}).values():
                 msg = result.get("msg")
                 if isinstance(msg, dict) and "prometheus" in msg:
-                    if not msg["prometheus"]:
-                        raise StatusError("the inventory has no monitor host (no Prometheus)")
-                    return Source(msg["prometheus"], msg["user"], msg["password"], msg["ca"])
+                    return Source(
+                        msg["prometheus"], msg["flower"], msg["user"], msg["password"], msg["ca"]
+                    )
     failures = [
         r.get("msg", "")
         for play in report.get("plays", [])
