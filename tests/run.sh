@@ -45,7 +45,7 @@ lab_up=""
 cat "$LAB_UP_LOG"
 if [ "$lab_up_status" -eq 0 ]; then
   suite lab tests/lab
-  suite fleet tests/fleet --durations=15
+  suite fleet tests/fleet --durations=40
   # The same lab grown to three Redis hosts (Sentinel), then failed over.
   suite sentinel tests/sentinel --durations=5
 else
