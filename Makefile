@@ -21,7 +21,7 @@ help: ## List the targets
 
 venv: $(VENV_STAMP) ## The pinned control-node venv (.venv): Ansible, the lab, the app, test tools; no root
 
-setup: venv $(DEBS_STAMP) ## venv, plus the Debian packages the lab needs (root)
+setup: venv $(DEBS_STAMP) ## venv, plus the Debian packages the lab and the browser tests need (root)
 
 $(VENV_STAMP): $(VENV_INPUTS)
 	@test -x $(PY) || python3 -m venv $(VENV)

@@ -10,13 +10,14 @@ its data has loaded (Flower fills its tables from its API), then saved as a full
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,12 @@ MAX_HEIGHT = 6000
 # Each reader runs in the page and returns its rows, one object per row. Text is read as
 # textContent: Flower splits a worker's name into two spans that innerText breaks apart.
 TEXT = "const text = node => node ? node.textContent.replace(/\\s+/g, ' ').trim() : '';"
+# Flower pages its workers by 15: all of them on one page (the table is filled client-side).
 FLOWER_WORKERS = f"""{TEXT}
+if (window.jQuery && jQuery.fn.dataTable.isDataTable('#workers-table')) {{
+  const table = jQuery('#workers-table').DataTable();
+  if (table.page.len() !== -1) table.page.len(-1).draw(false);
+}}
 return [...document.querySelectorAll('#workers-table tbody tr')]
   .filter(tr => tr.querySelector('a.worker-name-link'))
   .map(tr => ({{worker: text(tr.querySelector('a.worker-name-link')),
@@ -74,37 +80,50 @@ return [...document.querySelectorAll('tr.alert_header')].map(tr => ({
 """
 
 
+PAGE_HEIGHT = "return Math.max(document.documentElement.scrollHeight, document.body.scrollHeight);"
+
+Rows = list[dict[str, str]]
+
+
+def _targets_scraped(rows: Rows) -> bool:
+    # A target Prometheus has not scraped yet (just after a deploy) is "unknown", not down.
+    return bool(rows) and all(row["state"] != "unknown" for row in rows)
+
+
 @dataclass(frozen=True)
 class Page:
     name: str  # the screenshot's file name, without .png
     service: str  # "flower" or "prometheus"
     path: str
     reader: str
+    ready: Callable[[Rows], bool] = bool  # whether the rows read are what the page will show
 
 
 PAGES = (
     Page("flower-workers", "flower", "/workers", FLOWER_WORKERS),
     Page("flower-tasks", "flower", "/tasks", FLOWER_TASKS),
-    Page("prometheus-targets", "prometheus", "/classic/targets", PROMETHEUS_TARGETS),
+    Page(
+        "prometheus-targets", "prometheus", "/classic/targets", PROMETHEUS_TARGETS, _targets_scraped
+    ),
     Page("prometheus-alerts", "prometheus", "/classic/alerts", PROMETHEUS_ALERTS),
 )
 
 
 @dataclass(frozen=True)
 class Shot:
-    page: str
-    url: str
+    page: Page
     screenshot: Path
-    rows: list[dict[str, str]]
+    height: int  # the page's (scrollHeight, CSS pixels): the screenshot's unless cut at MAX_HEIGHT
+    rows: Rows
 
     def summary(self) -> str:
-        if self.page == "flower-workers":
+        if self.page.reader == FLOWER_WORKERS:
             online = sum(row["status"] == "Online" for row in self.rows)
             return f"{online} of {len(self.rows)} workers online"
-        if self.page == "flower-tasks":
+        if self.page.reader == FLOWER_TASKS:
             states = Counter(row.get("state", "?") for row in self.rows)
             return f"{len(self.rows)} tasks: " + ", ".join(f"{n} {s}" for s, n in states.items())
-        if self.page == "prometheus-targets":
+        if self.page.reader == PROMETHEUS_TARGETS:
             up = sum(row["state"] == "up" for row in self.rows)
             return f"{up} of {len(self.rows)} targets up"
         states = Counter(row["state"] for row in self.rows)
@@ -112,17 +131,17 @@ class Shot:
         return f"{len(self.rows)} alert rules, {firing} firing, {pending} pending"
 
     def problems(self) -> list[str]:
-        if not self.rows and self.page != "flower-tasks":
-            return [f"{self.page}: the page showed nothing"]
-        if self.page == "flower-workers":
+        if not self.rows and self.page.reader != FLOWER_TASKS:  # no task yet is no problem
+            return [f"{self.page.name}: the page showed nothing"]
+        if self.page.reader == FLOWER_WORKERS:
             return [f"{r['worker']} is {r['status']}" for r in self.rows if r["status"] != "Online"]
-        if self.page == "prometheus-targets":
+        if self.page.reader == PROMETHEUS_TARGETS:
             return [
                 f"target {r['job']} on {r['instance']} is {r['state']} ({r['error']})"
                 for r in self.rows
                 if r["state"] != "up"
             ]
-        if self.page == "prometheus-alerts":
+        if self.page.reader == PROMETHEUS_ALERTS:
             return [f"alert {r['alert']} firing" for r in self.rows if r["state"] == "firing"]
         return []
 
@@ -166,19 +185,25 @@ def chromium(source: Source) -> Iterator[webdriver.Chrome]:
         if os.geteuid() == 0:
             # Chromium refuses to run as root inside its own sandbox.
             options.add_argument("--no-sandbox")
-        # HOME: where Chromium's NSS looks for trusted CAs. SE_AVOID_STATS: no usage report.
-        env = {**os.environ, "HOME": str(home), "SE_AVOID_STATS": "1"}
-        service = Service(CHROMEDRIVER, env=env)
+        # HOME: where Chromium's NSS looks for trusted CAs.
+        service = Service(CHROMEDRIVER, env={**os.environ, "HOME": str(home)})
         try:
             driver = webdriver.Chrome(options=options, service=service)
         except WebDriverException as exc:
-            raise StatusError(f"Chromium did not start: {exc.msg}") from exc
+            raise StatusError(f"Chromium did not start: {exc.msg or exc}") from exc
         try:
             token = base64.b64encode(f"{source.user}:{source.password}".encode()).decode()
             driver.execute_cdp_cmd("Network.enable", {})
-            driver.execute_cdp_cmd(
-                "Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}}
-            )
+            # Selenium logs each command at DEBUG, this one with the password (base64).
+            connection_log = logging.getLogger("selenium.webdriver.remote.remote_connection")
+            level = connection_log.level
+            connection_log.setLevel(logging.INFO)
+            try:
+                driver.execute_cdp_cmd(
+                    "Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}}
+                )
+            finally:
+                connection_log.setLevel(level)
             yield driver
         finally:
             driver.quit()
@@ -186,13 +211,14 @@ def chromium(source: Source) -> Iterator[webdriver.Chrome]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _read(driver: webdriver.Chrome, page: Page, timeout: float) -> list[dict[str, str]]:
-    """The page's rows once there are some, or what it shows after ``timeout`` seconds."""
+def _read(driver: webdriver.Chrome, page: Page, timeout: float) -> Rows:
+    """The page's rows once they are ready, or what it shows after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        rows: list[dict[str, Any]] = driver.execute_script(page.reader) or []
-        if rows or time.monotonic() > deadline:
-            return [{str(k): str(v) for k, v in row.items()} for row in rows]
+        found: list[dict[str, Any]] = driver.execute_script(page.reader) or []
+        rows = [{str(k): str(v) for k, v in row.items()} for row in found]
+        if page.ready(rows) or time.monotonic() > deadline:
+            return rows
         time.sleep(0.5)
 
 
@@ -219,12 +245,14 @@ def capture(
             if not bases[page.service]:
                 continue  # no Prometheus without metrics
             url = bases[page.service] + page.path
+            screenshot = out / f"{page.name}.png"
             try:
                 driver.get(url)
+                rows = _read(driver, page, timeout)
+                height = driver.execute_script(PAGE_HEIGHT)
+                image = _full_page_png(driver)
             except WebDriverException as exc:
-                raise StatusError(f"Chromium could not open {url}: {exc.msg}") from exc
-            rows = _read(driver, page, timeout)
-            screenshot = out / f"{page.name}.png"
-            screenshot.write_bytes(_full_page_png(driver))
-            shots.append(Shot(page.name, url, screenshot, rows))
+                raise StatusError(f"Chromium could not show {url}: {exc.msg or exc}") from exc
+            screenshot.write_bytes(image)
+            shots.append(Shot(page, screenshot, int(height), rows))
     return shots

@@ -64,12 +64,13 @@ def screenshots(inventory: str | None, out: Path, console: Console) -> int:
     table.add_column("page")
     table.add_column("shows")
     table.add_column("screenshot", overflow="fold")
+    problems = []
     for shot in shots:
-        problems = shot.problems()
-        shows = shot.summary() + "".join(f"\n[red]{problem}[/]" for problem in problems)
-        table.add_row(shot.page, shows, str(shot.screenshot))
+        problems += shot.problems()
+        shows = shot.summary() + "".join(f"\n[red]{problem}[/]" for problem in shot.problems())
+        table.add_row(shot.page.name, shows, str(shot.screenshot))
     console.print(table)
-    return 0 if not any(shot.problems() for shot in shots) else 2
+    return 0 if not problems else 2
 
 
 if __name__ == "__main__":

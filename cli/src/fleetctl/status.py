@@ -27,7 +27,7 @@ STATUS_PLAYBOOK = REPO / "playbooks" / "status.yml"
 
 
 class StatusError(Exception):
-    """Why the fleet's state could not be read, in one sentence."""
+    """Why the fleet (its state, its dashboards) could not be read, in one sentence."""
 
 
 @dataclass(frozen=True)
