@@ -180,7 +180,8 @@ def sandbox_exposure(host: Any, unit: str) -> float:
 def api(
     port: int, path: str, auth: tuple[str, str] | None = None, **params: str
 ) -> requests.Response:
-    """Prometheus (9090) or Alertmanager (9093), as the lab host's operator (Flower's user)."""
+    """A service of the monitor host (Flower 5555, Prometheus 9090, Alertmanager 9093), as the
+    lab host's operator: Flower's user unless ``auth`` says otherwise."""
     return requests.get(
         f"https://{address('monitor1')}:{port}{path}",
         params=params,

@@ -45,6 +45,7 @@ def shots() -> dict[str, browser.Shot]:
     return {shot.page.name: shot for shot in browser.capture(source, SCREENSHOTS, pages)}
 
 
+@pytest.fixture(scope="module")
 def worker_instances() -> set[str]:
     """queue@host of every worker unit systemd has on the lab's hosts, running or not."""
     found = set()
@@ -56,15 +57,15 @@ def worker_instances() -> set[str]:
     return found
 
 
-def test_flower_shows_every_worker_of_the_fleet_online(shots):
-    expected = worker_instances()
+def test_flower_shows_every_worker_of_the_fleet_online(shots, worker_instances):
+    expected = worker_instances
     assert expected
     seen = {row["worker"]: row["status"] for row in shots["flower-workers"].rows}
     online = {worker for worker, state in seen.items() if state == "Online"}
     assert online == expected, seen
 
 
-def test_flower_shows_the_tasks_the_client_just_ran(shots):
+def test_flower_shows_the_tasks_the_client_just_ran(shots, worker_instances):
     # Which tasks are the client's: Flower's API, by their arguments.
     response = api(5555, "/api/tasks", taskname="fleetapp.add", sort_by="-received", limit="500")
     assert response.status_code == 200, response.text
@@ -72,10 +73,9 @@ def test_flower_shows_the_tasks_the_client_just_ran(shots):
     assert len(ours) == ADDITIONS, response.json()
     shown = {row["uuid"]: row for row in shots["flower-add-tasks"].rows}
     assert ours <= set(shown), (ours, shots["flower-add-tasks"].rows)
-    workers = worker_instances()
     for uuid in ours:
         assert (shown[uuid]["name"], shown[uuid]["state"]) == ("fleetapp.add", "SUCCESS")
-        assert shown[uuid]["worker"] in workers, shown[uuid]
+        assert shown[uuid]["worker"] in worker_instances, shown[uuid]
 
 
 def test_prometheus_shows_every_target_of_the_inventory_up(shots):

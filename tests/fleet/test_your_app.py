@@ -13,24 +13,14 @@ import time
 import pytest
 import requests
 
-from tests.conftest import lab_status, ssh
-from tests.fleet.conftest import CA_CERT, KEY_PREFIX, playbook, secret, take_refusals
+from tests.conftest import ssh
+from tests.fleet.conftest import KEY_PREFIX, api, playbook, take_refusals
 
 pytestmark = pytest.mark.timeout(1500)
 
 WEBFARM = "http://198.18.0.1:8080"
 TUTORIAL = "examples/tutorial/fleet.yml"
 TUTORIAL_PREFIX = "celery_config:"  # its fleet_app's module: fleet_redis_key_prefix's default
-
-
-def flower(path: str) -> requests.Response:
-    monitor = lab_status()["monitor1"]["address"]
-    return requests.get(
-        f"https://{monitor}:5555{path}",
-        auth=("admin", secret("flower")),
-        timeout=10,
-        verify=str(CA_CERT),
-    )
 
 
 # The celery command on a worker host, with that host's settings (its user may broadcast).
@@ -82,7 +72,7 @@ def test_the_tutorials_fan_out_runs_on_the_workers(tutorial_deployed):
     # Flower saw every one succeed, on a worker host.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        tasks = flower("/api/tasks?taskname=celery_blog.fetch_url").json()
+        tasks = api(5555, "/api/tasks", taskname="celery_blog.fetch_url").json()
         ours = [t for t in tasks.values() if run in str(t.get("args"))]
         if len(ours) == len(urls) and all(t["state"] == "SUCCESS" for t in ours):
             break

@@ -78,8 +78,6 @@ return [...document.querySelectorAll('tr.alert_header')].map(tr => ({
   state: Object.entries(states).filter(([cls]) => tr.classList.contains(cls))
     .map(([, state]) => state)[0] || '?'}));
 """
-
-
 PAGE_HEIGHT = "return Math.max(document.documentElement.scrollHeight, document.body.scrollHeight);"
 
 Rows = list[dict[str, str]]
