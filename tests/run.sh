@@ -48,6 +48,8 @@ if [ "$lab_up_status" -eq 0 ]; then
   suite fleet tests/fleet --durations=40
   # The same lab grown to three Redis hosts (Sentinel), then failed over.
   suite sentinel tests/sentinel --durations=5
+  # A new lab of Debian 12 machines, then its Redis host replaced by a Debian 13 one with Valkey.
+  suite releases tests/releases --durations=5
 else
   status=1
 fi

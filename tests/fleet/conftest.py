@@ -104,6 +104,53 @@ def redis_admin(*words: str, host: str | None = None) -> str:
     return on(host or redis_primary(), script, input=secret("redis-admin") + "\n").stdout
 
 
+# A scratch server of the host's own binary (a unix socket in a throwaway directory, no TCP
+# port): the default user off with the given rules, a transaction and a plain write by another
+# user, a clean shutdown, a restart, then the keys it loaded back from its append-only file.
+_AOF_REPLAY = r"""
+set -eu
+server=$1 rules=$2
+dir=$(mktemp -d) pid=
+stop() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"; }
+trap stop EXIT
+cd "$dir"
+read -r REDISCLI_AUTH; export REDISCLI_AUTH
+printf 'user default off resetpass %s\nuser probe on #%s ~* &* +@all\n' "$rules" \
+  "$(printf %s "$REDISCLI_AUTH" | sha256sum | cut -d' ' -f1)" > users.acl
+printf '%s\n' "port 0" "unixsocket $dir/server.sock" "dir $dir" "aclfile $dir/users.acl" \
+  "appendonly yes" "aof-use-rdb-preamble no" 'save ""' "logfile $dir/server.log" > server.conf
+cli() { "$server-cli" -s "$dir/server.sock" --user probe --no-auth-warning "$@"; }
+up() {
+  "$server-server" server.conf & pid=$!
+  for _ in $(seq 100); do [ "$(cli PING 2>/dev/null)" = PONG ] && return; sleep 0.1; done
+  cat server.log; exit 1
+}
+down() {  # SHUTDOWN writes and syncs the AOF before the server exits
+  cli SHUTDOWN > /dev/null 2>&1 || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || { pid=; return; }; sleep 0.1; done
+  cat server.log; exit 1
+}
+up
+# Two writes: a transaction of one is written to the AOF as that command alone.
+printf 'MULTI\nSET in-transaction 1\nSET in-transaction-too 1\nEXEC\nSET plain 1\n' | cli >/dev/null
+down
+up
+cli KEYS '*' | sort | tr '\n' ' '
+down
+"""
+
+
+def aof_keeps_transactions(host: str, server: str, default_user_rules: str) -> bool:
+    """Whether ``server`` (redis or valkey) on ``host`` loads a MULTI/EXEC back from its
+    append-only file when its default user (off) has ``default_user_rules``: Redis 7.0 to 8.0.2
+    and Valkey up to 8.1.1 replay it as the default user and drop what it may not run
+    (redis/redis#14541, valkey-io/valkey#3983)."""
+    script = f"sh -c {shlex.quote(_AOF_REPLAY)} - {server} {shlex.quote(default_user_rules)}"
+    keys = on(host, script, input=f"scratch-{os.getpid()}-password\n").stdout.split()
+    assert "plain" in keys, f"{server} on {host} lost a plain write across a restart: {keys}"
+    return {"in-transaction", "in-transaction-too"} <= set(keys)
+
+
 def acl_log() -> list[dict[str, Any]]:
     """Redis' own record of refused commands, keys and channels (ACL LOG), newest first."""
     return list(json.loads(redis_admin("ACL", "LOG", "512") or "[]"))

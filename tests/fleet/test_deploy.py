@@ -160,6 +160,33 @@ def test_an_inventory_without_a_redis_group_fails_before_touching_any_host(tmp_p
     assert all(counts["changed"] == 0 for counts in recap(result).values())
 
 
+# A Debian 11 host, as its own files tell Ansible's facts (the lab makes Debian 12 and 13 only).
+BULLSEYE = (
+    'PRETTY_NAME="Debian GNU/Linux 11 (bullseye)"\nNAME="Debian GNU/Linux"\nVERSION_ID="11"\n'
+    'VERSION="11 (bullseye)"\nVERSION_CODENAME=bullseye\nID=debian\n'
+)
+
+
+def test_a_host_of_a_release_the_roles_do_not_support_is_refused_in_one_sentence():
+    keep = "mv /etc/os-release /etc/debian_version /root/"
+    on(
+        "worker2",
+        f"{keep} && printf '{BULLSEYE}' > /etc/os-release && echo 11.11 > /etc/debian_version",
+    )
+    try:
+        result = playbook("site.yml")
+    finally:
+        on("worker2", "mv -f /root/os-release /root/debian_version /etc/")
+    assert result.returncode != 0
+    said = " ".join(result.stdout.split())
+    assert (
+        "worker2 runs Debian 11.11, and celery-fleet supports Debian 13 (trixie) and"
+        " Debian 12 (bookworm) only."
+    ) in said, result.stdout[-3000:]
+    assert "PLAY [Redis broker" not in result.stdout
+    assert all(counts["changed"] == 0 for counts in recap(result).values())
+
+
 def test_a_project_that_does_not_build_stops_the_run_in_one_sentence(tmp_path):
     project = tmp_path / "broken"
     project.mkdir()

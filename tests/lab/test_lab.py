@@ -176,6 +176,21 @@ def test_add_and_remove_update_the_inventory_while_others_keep_running():
     assert "fleet-worker3" not in netns.stdout
 
 
+def test_a_machine_of_another_release_joins_the_lab_next_to_the_default_one():
+    """Debian 13 by default; a Debian 12 machine added beside them boots from its own image."""
+    assert {row["release"] for row in lab_status().values()} == {"trixie"}
+    added = lab("add", "worker3", "--release", "bookworm", timeout=900)
+    try:
+        assert added.stdout.split()[-1] == "bookworm"
+        assert lab_status()["worker3"]["release"] == "bookworm"
+        assert on("worker3", "systemctl is-system-running --wait").stdout.strip() == "running"
+        for name, version in (("worker3", "12"), ("worker1", "13")):
+            said = on(name, ". /etc/os-release; echo $VERSION_ID").stdout.strip()
+            assert said == version, name
+    finally:
+        lab("remove", "worker3")
+
+
 def test_up_twice_is_harmless():
     before = lab_status()
     lab("up")
@@ -215,6 +230,7 @@ def test_up_from_another_checkout_writes_that_checkouts_inventory(tmp_path):
         (["add", "extra1", "--address", "198.18.0.10"], "address conflict"),
         (["add", "extra1", "--address", "10.9.9.9"], "not a host address"),
         (["start", "nosuch"], "no machine named"),
+        (["up", "--release", "bookworm"], "run another release than bookworm; `lab down` first"),
     ],
 )
 def test_bad_requests_fail_with_one_clear_line_and_change_nothing(args, message):

@@ -11,7 +11,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from .config import LabError, load_config
+from .config import DEFAULT_RELEASE, RELEASES, LabError, load_config
 from .lab import Lab
 
 err = Console(stderr=True)
@@ -35,6 +35,7 @@ def _status(lab: Lab, as_json: bool) -> int:
                         "name": row.machine.name,
                         "address": row.machine.address,
                         "groups": row.machine.groups,
+                        "release": row.machine.release,
                         "state": row.state,
                         "uptime": row.uptime,
                     }
@@ -45,7 +46,7 @@ def _status(lab: Lab, as_json: bool) -> int:
         )
         return 0
     table = Table(title=f"celery-fleet lab ({lab.config.subnet}, bridge {lab.config.bridge})")
-    for column in ("name", "address", "groups", "state", "uptime"):
+    for column in ("name", "address", "groups", "release", "state", "uptime"):
         table.add_column(column)
     colours = {"running": "green", "cut": "yellow", "stopped": "red"}
     for row in rows:
@@ -53,6 +54,7 @@ def _status(lab: Lab, as_json: bool) -> int:
             row.machine.name,
             row.machine.address,
             ",".join(row.machine.groups) or "-",
+            row.machine.release,
             f"[{colours[row.state]}]{row.state}[/]",
             _format_uptime(row.uptime),
         )
@@ -72,11 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--redis", type=int, help="number of Redis machines (default 1; 3 or more: Sentinel)"
     )
+    release_help = (
+        f"Debian release of the machines it makes: {' or '.join(RELEASES)} (default: the"
+        f" lab's, when its machines share one, else {DEFAULT_RELEASE})"
+    )
+    up.add_argument("--release", choices=RELEASES, help=release_help)
     sub.add_parser("down", help="remove every machine, namespace, veth, bridge, mirror and mount")
     add = sub.add_parser("add", help="add one machine while the others keep running")
     add.add_argument("name")
     add.add_argument("--address", help="a free address in the lab subnet (default: next free)")
     add.add_argument("--group", help="inventory group (default: from the name, e.g. worker3)")
+    add.add_argument("--release", choices=RELEASES, help=release_help)
     for verb, text in (
         ("remove", "power off and delete one machine"),
         ("start", "boot a stopped or killed machine"),
@@ -105,14 +113,15 @@ def dispatch(lab: Lab, args: argparse.Namespace) -> int:
             raise LabError("--workers must be at least 1")
         if args.redis is not None and args.redis < 1:
             raise LabError("--redis must be at least 1")
-        lab.up(args.workers, args.redis)
+        lab.up(args.workers, args.redis, args.release)
         return _status(lab, as_json=False)
     if command == "down":
         lab.down()
         return 0
     if command == "add":
-        machine = lab.add(args.name, args.address, args.group)
-        print(f"{machine.name} {machine.address} {','.join(machine.groups) or '-'}")
+        machine = lab.add(args.name, args.address, args.group, args.release)
+        groups = ",".join(machine.groups) or "-"
+        print(f"{machine.name} {machine.address} {groups} {machine.release}")
         return 0
     if command in ("remove", "start", "stop", "kill", "cut", "heal"):
         getattr(lab, command)(args.name)

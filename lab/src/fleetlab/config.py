@@ -16,6 +16,10 @@ class LabError(Exception):
 # Machine names become parts of interface names (IFNAMSIZ is 15): "fv-" + 12 characters.
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
 
+# Debian releases a machine can run, by codename; the first is what `lab up` makes by default.
+RELEASES = ("trixie", "bookworm")
+DEFAULT_RELEASE = RELEASES[0]
+
 # Inventory group for each name prefix; a machine with another name joins no group.
 GROUP_BY_PREFIX = {"redis": "redis", "worker": "workers", "client": "clients", "monitor": "monitor"}
 
@@ -32,7 +36,6 @@ class LabConfig:
     apt_port: int = 3142
     pypi_port: int = 3141
     web_port: int = 8080
-    suite: str = "bookworm"
     debian_mirror: str = "http://deb.debian.org/debian"
 
     @property
@@ -118,3 +121,8 @@ def validate_name(name: str) -> None:
             f"invalid machine name {name!r}: use 1-12 lowercase letters, digits or '-', "
             "starting with a letter"
         )
+
+
+def validate_release(release: str) -> None:
+    if release not in RELEASES:
+        raise LabError(f"unknown release {release!r}: the lab makes {' or '.join(RELEASES)}")

@@ -1,4 +1,4 @@
-"""The Debian 12 base image every machine boots from: built once, cached by its recipe."""
+"""The base images machines boot from, one per Debian release: built once, cached by recipe."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ IMAGE_PACKAGES = [
 IMAGE_REVISION = 1
 
 
-def recipe(config: LabConfig) -> dict[str, object]:
+def recipe(config: LabConfig, release: str) -> dict[str, object]:
     return {
-        "suite": config.suite,
+        "suite": release,
         "mirror": config.debian_mirror,
         "packages": IMAGE_PACKAGES,
         "revision": IMAGE_REVISION,
@@ -38,27 +38,27 @@ def recipe(config: LabConfig) -> dict[str, object]:
     }
 
 
-def image_dir(config: LabConfig) -> Path:
-    digest = hashlib.sha256(json.dumps(recipe(config), sort_keys=True).encode()).hexdigest()
-    return config.cache_dir / "images" / f"debian-{config.suite}-{digest[:12]}"
+def image_dir(config: LabConfig, release: str) -> Path:
+    digest = hashlib.sha256(json.dumps(recipe(config, release), sort_keys=True).encode())
+    return config.cache_dir / "images" / f"debian-{release}-{digest.hexdigest()[:12]}"
 
 
-def ensure_image(config: LabConfig, log: Callable[[str], None]) -> Path:
-    target = image_dir(config)
+def ensure_image(config: LabConfig, release: str, log: Callable[[str], None]) -> Path:
+    target = image_dir(config, release)
     if (target / ".complete").exists():
         return target
     require_disk(config.cache_dir, 1500)
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
-    log(f"building the base image {target.name} with debootstrap (once; cached)")
+    log(f"building the {release} base image {target.name} with debootstrap (once; cached)")
     try:
         run(
             [
                 "debootstrap",
                 "--variant=minbase",
                 f"--include={','.join(IMAGE_PACKAGES)}",
-                config.suite,
+                release,
                 str(building),
                 config.debian_mirror,
             ],
@@ -68,12 +68,12 @@ def ensure_image(config: LabConfig, log: Callable[[str], None]) -> Path:
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    (building / ".complete").write_text(json.dumps(recipe(config), sort_keys=True))
+    (building / ".complete").write_text(json.dumps(recipe(config, release), sort_keys=True))
     shutil.rmtree(target, ignore_errors=True)
     building.rename(target)
-    # Older images of other recipes are dead weight.
+    # Older images of this release (other recipes) are dead weight; other releases are not.
     for stale in target.parent.iterdir():
-        if stale != target and stale.name.startswith("debian-"):
+        if stale != target and stale.name.startswith(f"debian-{release}-"):
             shutil.rmtree(stale, ignore_errors=True)
     return target
 

@@ -13,7 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import access, cleanup, image, inventory, lifecycle, mirrors, network
-from .config import LabConfig, LabError, groups_for, validate_name
+from .config import (
+    DEFAULT_RELEASE,
+    LabConfig,
+    LabError,
+    groups_for,
+    validate_name,
+    validate_release,
+)
 from .machine import Machine, MachineStatus, default_topology
 from .state import State
 from .system import (
@@ -79,11 +86,33 @@ class Lab:
         require_disk(self.config.state_dir, 1000)
         network.check_subnet_free(self.config)
 
-    def up(self, workers: int | None = None, redis: int | None = None) -> None:
+    def release(self) -> str:
+        """The release new machines get unless told: the lab's, when all its machines share one."""
+        releases = {machine.release for machine in self.machines().values()}
+        return releases.pop() if len(releases) == 1 else DEFAULT_RELEASE
+
+    def up(
+        self, workers: int | None = None, redis: int | None = None, release: str | None = None
+    ) -> None:
         self.preflight()
+        if release is not None:
+            validate_release(release)
         with self.state.locked(self.log):
+            # A release given is the release wanted, and a machine is not rebuilt silently.
+            other = sorted(
+                m.name for m in self.machines().values() if release and m.release != release
+            )
+            if other:
+                raise LabError(
+                    f"{', '.join(other)} run{'s' if len(other) == 1 else ''} another release than"
+                    f" {release}; `lab down` first, or `lab remove` and `lab add --release` them"
+                )
+            release = release or self.release()
             cleanup.sweep_strays(self.config, keep=set(self.machines()))
-            base = self._prepare_host()
+            base = self._prepare_host(release)
+            # The machines of a mixed lab boot from their own release's image.
+            for kept in {m.release for m in self.machines().values()} - {release}:
+                image.ensure_image(self.config, kept, self.log)
             current = self.machines()
             wanted = default_topology(
                 workers if workers is not None else 2, redis if redis is not None else 1
@@ -97,7 +126,7 @@ class Lab:
             current = self.machines()
             wanted += [n for n in current if n not in wanted]
             to_start = [
-                current[name] if name in current else self._create(name, base, None, None)
+                current[name] if name in current else self._create(name, base, release, None, None)
                 for name in wanted
             ]
             lifecycle.boot_all(self.config, to_start, list(self.machines().values()))
@@ -111,16 +140,25 @@ class Lab:
                     f" (this lab's inventory is also at {', '.join(others)})"
                 )
 
-    def add(self, name: str, address: str | None = None, group: str | None = None) -> Machine:
+    def add(
+        self,
+        name: str,
+        address: str | None = None,
+        group: str | None = None,
+        release: str | None = None,
+    ) -> Machine:
         self.preflight()
         validate_name(name)
+        if release is not None:
+            validate_release(release)
         with self.state.locked(self.log):
+            release = release or self.release()
             if name in self.machines():
                 raise LabError(f"a machine named {name!r} already exists")
             # Refuse a bad address before anything is touched.
             network.pick_address(self.config, self.machines(), address)
-            base = self._prepare_host()
-            machine = self._create(name, base, address, group)
+            base = self._prepare_host(release)
+            machine = self._create(name, base, release, address, group)
             try:
                 lifecycle.boot_all(self.config, [machine], list(self.machines().values()))
             except BaseException:
@@ -184,23 +222,26 @@ class Lab:
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _prepare_host(self) -> Path:
+    def _prepare_host(self, release: str) -> Path:
         """Bridge, package mirrors, base image and SSH key: what every new machine needs."""
         network.ensure_bridge(self.config)
         mirrors.ensure_mirrors(self.config, self.log)
-        base = image.ensure_image(self.config, self.log)
+        base = image.ensure_image(self.config, release, self.log)
         access.ensure_key(self.config)
         return base
 
-    def _create(self, name: str, base: Path, address: str | None, group: str | None) -> Machine:
+    def _create(
+        self, name: str, base: Path, release: str, address: str | None, group: str | None
+    ) -> Machine:
         validate_name(name)
         machines = self.machines()
         machine = Machine(
             name=name,
             address=network.pick_address(self.config, machines, address),
             groups=[group] if group else groups_for(name),
+            release=release,
         )
-        self.log(f"creating {name} ({machine.address})")
+        self.log(f"creating {name} ({machine.address}, {release})")
         try:
             lifecycle.prepare_root(self.config, machine, base)
             network.plug(self.config, machine)

@@ -40,7 +40,7 @@ def prepare_root(config: LabConfig, machine: Machine, base: Path) -> None:
     mdir = config.machine_dir(machine.name)
     for sub in ("upper", "work", "root"):
         (mdir / sub).mkdir(parents=True, exist_ok=True)
-    mount_root(config, machine.name, base)
+    mount_root(config, machine, base)
     root = config.machine_root(machine.name)
     (root / "etc/hostname").write_text(f"{machine.name}\n")
     (root / "etc/hosts").write_text(
@@ -61,14 +61,14 @@ def prepare_root(config: LabConfig, machine: Machine, base: Path) -> None:
     )  # fmt: skip
 
 
-def mount_root(config: LabConfig, name: str, base: Path | None = None) -> None:
-    root = config.machine_root(name)
+def mount_root(config: LabConfig, machine: Machine, base: Path | None = None) -> None:
+    root = config.machine_root(machine.name)
     if is_mounted(root):
         return
-    base = base or image.image_dir(config)
+    base = base or image.image_dir(config, machine.release)
     if not (base / ".complete").exists():
         raise LabError(f"base image {base} is missing; run `lab up`")
-    mdir = config.machine_dir(name)
+    mdir = config.machine_dir(machine.name)
     options = f"lowerdir={base},upperdir={mdir / 'upper'},workdir={mdir / 'work'}"
     run(["mount", "-t", "overlay", "overlay", "-o", options, str(root)])
 
@@ -92,7 +92,7 @@ def init_pid(config: LabConfig, name: str) -> int | None:
 def launch(config: LabConfig, machine: Machine) -> None:
     if init_pid(config, machine.name):
         return
-    mount_root(config, machine.name)
+    mount_root(config, machine)
     network.plug(config, machine)
     env = {
         "PATH": CLEAN_PATH,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .config import DEFAULT_RELEASE
+
 
 @dataclass
 class Machine:
     name: str
     address: str
     groups: list[str] = field(default_factory=list)
+    release: str = DEFAULT_RELEASE  # the Debian codename its image was built from
 
 
 @dataclass

@@ -26,7 +26,11 @@ class State:
             raise LabError(
                 f"{self.config.state_file} is corrupt ({error}); run `lab down`"
             ) from None
-        return {name: Machine(name=name, **data) for name, data in raw["machines"].items()}
+        # A lab recorded before machines had a release ran bookworm only.
+        return {
+            name: Machine(name=name, **{"release": "bookworm", **data})
+            for name, data in raw["machines"].items()
+        }
 
     def inventories(self) -> list[str]:
         """Every inventory file the lab has written (one per checkout that ran `lab up`)."""
@@ -42,7 +46,7 @@ class State:
         written = str(self.config.inventory_file)
         data = {
             "machines": {
-                m.name: {"address": m.address, "groups": m.groups}
+                m.name: {"address": m.address, "groups": m.groups, "release": m.release}
                 for m in sorted(machines.values(), key=lambda m: ipaddress.IPv4Address(m.address))
             },
             # `lab down` removes them all, so no checkout keeps an inventory of a gone lab.

@@ -17,11 +17,21 @@ from jinja2.nativetypes import NativeEnvironment
 ROLE = Path(__file__).resolve().parents[4] / "roles" / "redis"
 DEFAULTS = ROLE / "defaults" / "main.yml"
 VARS = ROLE / "vars" / "main.yml"
+OS_RELEASE = Path("/etc/os-release")
 PRESETS = {
     "worker": "redis_acl_rules_celery_worker",
     "client": "redis_acl_rules_celery_client",
     "flower": "redis_acl_rules_flower",
 }
+
+
+def _release_vars() -> dict[str, Any]:
+    """What differs between releases (vars/Debian-<major>.yml), for this machine's release: the
+    local redis-server is its Debian's."""
+    fields = dict(line.split("=", 1) for line in OS_RELEASE.read_text().splitlines() if "=" in line)
+    major = fields.get("VERSION_ID", "").strip('"').split(".")[0]
+    release = yaml.safe_load((ROLE / "vars" / f"Debian-{major}.yml").read_text(encoding="utf-8"))
+    return dict(release["_redis_release"])
 
 
 def _bool(value: Any) -> bool:
@@ -49,6 +59,7 @@ def rules(prefix: str, queues: list[str], *, chords: bool = True, db: int = 0) -
         "redis_acl_db": db,
         "redis_acl_client_queues": queues,
         "redis_acl_celery_chords": chords,
+        "_redis_release": _release_vars(),
     }
     for name in (
         "_redis_acl_fanout",
