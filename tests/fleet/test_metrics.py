@@ -157,30 +157,17 @@ def test_systemd_rates_the_sandbox_ok(unit):
 def test_the_alert_rules_pass_their_promtool_tests():
     """tests/fleet/metrics/alerts.test.yml, against the rules file as deployed."""
     tests = (REPO / "tests" / "fleet" / "metrics" / "alerts.test.yml").read_text()
-    # promtool 2.42 (Debian 12) templates an alert's annotations with the value of the rule
-    # evaluation at eval_time; 2.53 (Debian 13) sometimes with the one before it, 15 s less
-    # (both seen on the lab with 2.53): the test passes with either.
-    version = on("monitor1", "promtool --version").stdout.split()[2]
-    variants = [tests]
-    if tuple(int(part) for part in version.split(".")[:2]) >= (2, 53):
-        variants.append(tests.replace("no heartbeat for 2m 15s", "no heartbeat for 2m 0s"))
-    said = []
-    for variant in variants:
-        on("monitor1", "cat > /tmp/alerts.test.yml", input=variant)
-        result = on("monitor1", "promtool test rules /tmp/alerts.test.yml", check=False)
-        if result.returncode == 0:
-            return
-        said.append(result.stdout + result.stderr)
-    pytest.fail("\n".join(said))
+    on("monitor1", "cat > /tmp/alerts.test.yml", input=tests)
+    result = on("monitor1", "promtool test rules /tmp/alerts.test.yml", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_fleet_status_shows_the_whole_fleet():
-    """Every host with its units and workers, the queues, Redis; nothing wrong: exit status 0."""
-    shown = fleet("status")
-    assert shown.returncode == 0, shown.stdout + shown.stderr
-    for name in LAB_NAMES:
-        assert name in shown.stdout
-    for expected in (
+    """Every host with its units and workers, the queues, Redis; nothing wrong: exit status 0.
+    What it shows is Prometheus's last scrape: a worker an earlier test restarted may take a
+    scrape or two to count as live again, so it is asked for up to a minute."""
+    expected = (
+        *LAB_NAMES,
         "celery-worker@network.service",
         "flower.service",
         "redis-server.service",
@@ -188,8 +175,16 @@ def test_fleet_status_shows_the_whole_fleet():
         "default@worker2",
         "master",
         "No alert firing",
-    ):
-        assert expected in shown.stdout, (expected, shown.stdout)
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        shown = fleet("status")
+        missing = [text for text in expected if text not in shown.stdout]
+        if (shown.returncode == 0 and not missing) or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert not missing, (missing, shown.stdout)
     assert secret("flower") not in shown.stdout + shown.stderr
 
 
