@@ -151,6 +151,25 @@ def aof_keeps_transactions(host: str, server: str, default_user_rules: str) -> b
     return {"in-transaction", "in-transaction-too"} <= set(keys)
 
 
+def check_default_user_against_aof_replay(host: str, server: str, acl_list: str) -> None:
+    """The default user (off) keeps every permission exactly where ``server`` needs it: a
+    scratch server of the same binary with a default user of -@all loses a MULTI/EXEC across a
+    restart if and only if the running server's default user (in ``acl_list``, its ACL LIST)
+    has +@all, and keeps it with +@all."""
+    (default,) = [line for line in acl_list.splitlines() if line.startswith("user default ")]
+    workaround = "+@all" in default.split()
+    assert aof_keeps_transactions(host, server, "-@all") is not workaround, (
+        f"the default user is {default!r}, but the server "
+        + (
+            "keeps transactions without it: drop the workaround for it (roles/redis/vars)"
+            if workaround
+            else "drops transactions without +@all: tasks would be lost on restart"
+        )
+    )
+    if workaround:
+        assert aof_keeps_transactions(host, server, "~* &* +@all")
+
+
 def acl_log() -> list[dict[str, Any]]:
     """Redis' own record of refused commands, keys and channels (ACL LOG), newest first."""
     return list(json.loads(redis_admin("ACL", "LOG", "512") or "[]"))

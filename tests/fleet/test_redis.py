@@ -18,7 +18,7 @@ from tests.fleet.conftest import (
     FLEET_DEFAULTS,
     KEY_PREFIX,
     REDIS_CLI,
-    aof_keeps_transactions,
+    check_default_user_against_aof_replay,
     take_refusals,
 )
 
@@ -283,24 +283,9 @@ def test_acl_default_user_off(admin):
 
 
 def test_the_default_user_has_the_permissions_its_server_replays_the_aof_with(host, admin):
-    """The default user (off) keeps every permission exactly where the host's server needs it:
-    a scratch server of the same binary with a default user of -@all loses a MULTI/EXEC across
-    a restart if and only if the running server's default user has +@all."""
-    (default,) = [
-        line for line in admin("ACL", "LIST").splitlines() if line.startswith("user default ")
-    ]
-    name = host.backend.get_hostname()
-    workaround = "+@all" in default.split()
-    assert aof_keeps_transactions(name, "redis", "-@all") is not workaround, (
-        f"the default user is {default!r}, but the server "
-        + (
-            "keeps transactions without it: drop the workaround for it (roles/redis/vars)"
-            if workaround
-            else "drops transactions without +@all: tasks would be lost on restart"
-        )
+    check_default_user_against_aof_replay(
+        host.backend.get_hostname(), "redis", admin("ACL", "LIST")
     )
-    if workaround:
-        assert aof_keeps_transactions(name, "redis", "~* &* +@all")
 
 
 def test_acl_users_present(admin, users):

@@ -14,7 +14,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import lab, lab_status, on
-from tests.fleet.conftest import TLS_DIR, aof_keeps_transactions, playbook, recap, secret
+from tests.fleet.conftest import (
+    TLS_DIR,
+    check_default_user_against_aof_replay,
+    playbook,
+    recap,
+    secret,
+)
 from tests.fleet.test_e2e import WEB, fetch_from_client, workers_that_ran
 
 pytestmark = pytest.mark.timeout(1800)
@@ -85,18 +91,9 @@ def test_the_tutorials_fan_out_runs_on_both_workers(fleet):
 
 
 def test_the_default_user_has_the_permissions_its_server_replays_the_aof_with(fleet):
-    """As tests/fleet/test_redis.py on the main suite's server: the workaround is kept exactly
-    where the server drops a MULTI/EXEC from its append-only file without it."""
+    """As tests/fleet/test_redis.py on the main suite's server, on this phase's server."""
     _, _, server = fleet
-    (default,) = [
-        line
-        for line in redis_admin(server, "ACL", "LIST").splitlines()
-        if line.startswith("user default ")
-    ]
-    workaround = "+@all" in default.split()
-    assert aof_keeps_transactions("redis1", server, "-@all") is not workaround, default
-    if workaround:
-        assert aof_keeps_transactions("redis1", server, "~* &* +@all")
+    check_default_user_against_aof_replay("redis1", server, redis_admin(server, "ACL", "LIST"))
 
 
 def test_a_server_the_redis_host_cannot_take_is_refused_before_anything_changes(fleet):
