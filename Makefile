@@ -14,7 +14,7 @@ TUTORIAL_URLS := $(foreach i,1 2 3 4 5,http://198.18.0.1:8080/tutorial/$(i))
 PACKAGES  := lab app runtime cli tests/support
 VENV_INPUTS := ansible/requirements.in ansible/constraints.txt $(addsuffix /pyproject.toml,$(PACKAGES))
 
-.PHONY: help venv setup demo test faults lint lab-up lab-down bench bench-app deploy clean
+.PHONY: help venv setup demo test faults ha lint lab-up lab-down bench bench-app deploy clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ test: setup ## Every test: lint, app tests, lab and deployment tests on a fresh 
 faults: setup ## The fault suite at full size on the lab (deploys; the lab stays up); prints the ledger table
 	$(LAB) up
 	FLEET_FAULTS_SIZE=full PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -p no:cacheprovider tests/fleet/faults
+
+ha: setup ## The Sentinel suite on the lab (grown to three Redis hosts); FLEET_REDIS_SERVER=valkey on a fresh lab: on Valkey
+	$(LAB) up
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -p no:cacheprovider tests/sentinel
 
 lint: venv ## ansible-lint (production profile), yamllint, ruff, mypy --strict
 	$(BIN)/yamllint -s .

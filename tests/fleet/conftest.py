@@ -23,8 +23,15 @@ SECRETS = Path(os.environ.get("HOME", "/root")) / ".celery-fleet" / "secrets" / 
 # The fleet's CA on the control node, and on every host (roles/pki): Redis and Flower serve TLS.
 CA_CERT = SECRETS / "ca" / "ca.crt"
 TLS_DIR = "/etc/celery-fleet/tls"
-# redis-cli on a lab host, verifying the server with the fleet's CA.
-REDIS_CLI = f"redis-cli --tls --cacert {TLS_DIR}/ca.crt"
+# The Redis hosts' server (fleet_redis_server). make test runs on Redis; FLEET_REDIS_SERVER=valkey
+# gives every playbook run Valkey (`make ha` on a fresh lab: the Sentinel suite on Valkey).
+REDIS_SERVER = os.environ.get("FLEET_REDIS_SERVER", "redis")
+# Its units, configuration and CLI carry its name (Debian packages Valkey as a rename).
+REDIS_UNIT = f"{REDIS_SERVER}-server"
+SENTINEL_UNIT = f"{REDIS_SERVER}-sentinel"
+REDIS_CONF = f"/etc/{REDIS_SERVER}/{REDIS_SERVER}.conf"
+# The server's CLI on a lab host, verifying the server with the fleet's CA.
+REDIS_CLI = f"{REDIS_SERVER}-cli --tls --cacert {TLS_DIR}/ca.crt"
 RECAP = re.compile(
     r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
 )
@@ -32,7 +39,9 @@ RECAP = re.compile(
 
 def playbook(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
-    return run([str(BIN / "ansible-playbook"), *args], cwd=REPO, env=env, timeout=timeout)
+    chosen = "FLEET_REDIS_SERVER" in os.environ
+    server = ("-e", f"fleet_redis_server={REDIS_SERVER}") if chosen else ()
+    return run([str(BIN / "ansible-playbook"), *server, *args], cwd=REPO, env=env, timeout=timeout)
 
 
 def recap(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, int]]:

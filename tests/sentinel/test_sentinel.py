@@ -14,7 +14,10 @@ from tests.conftest import address, lab, on
 from tests.fleet.conftest import (
     MASTER_NAME,
     REDIS_CLI,
+    REDIS_CONF,
+    REDIS_UNIT,
     SENTINEL_PORT,
+    SENTINEL_UNIT,
     fleet_default,
     playbook,
     recap,
@@ -159,14 +162,14 @@ def test_a_replica_and_its_sentinel_stopped_change_nothing_for_the_fleet(grown):
     replica = next(host for host in REDIS_HOSTS if host != primary)
 
     def stop_replica() -> None:
-        on(replica, "systemctl stop redis-sentinel redis-server")
+        on(replica, f"systemctl stop {SENTINEL_UNIT} {REDIS_UNIT}")
 
     try:
         row = Scenario(
             "sentinel: a replica and its Sentinel stopped", count=size(150, 600), rate=25
         ).run(stop_replica, at=2)
     finally:
-        on(replica, "systemctl start redis-server redis-sentinel")
+        on(replica, f"systemctl start {REDIS_UNIT} {SENTINEL_UNIT}")
     assert (row.raised, row.lost) == (0, []), row
     assert redis_primary() == primary
     wait_until(lambda: settled(primary), 120, "the replica to come back")
@@ -193,11 +196,11 @@ def test_a_changed_redis_conf_restarts_the_primary_only_after_a_handover(grown):
     old = redis_primary()
     wait_until(lambda: settled(old), 60, "a settled group")
     servers = {host: run_id(host) for host in REDIS_HOSTS}
-    on(old, "echo '# edited by hand' >> /etc/redis/redis.conf")
+    on(old, f"echo '# edited by hand' >> {REDIS_CONF}")
     result = playbook("site.yml", "--tags", "redis")
     assert result.returncode == 0, result.stdout[-6000:]
     assert f"{old} handed the primary role of {MASTER_NAME} over to" in result.stdout
-    assert "edited by hand" not in on(old, "cat /etc/redis/redis.conf").stdout
+    assert "edited by hand" not in on(old, f"cat {REDIS_CONF}").stdout
     restarted = {host: run_id(host) != servers[host] for host in REDIS_HOSTS}
     assert restarted == {host: host == old for host in REDIS_HOSTS}, restarted
     new = redis_primary()
