@@ -54,7 +54,8 @@ faults: setup ## The fault suite at full size on the lab (deploys; the lab stays
 	$(LAB) up
 	FLEET_FAULTS_SIZE=full PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -p no:cacheprovider tests/fleet/faults
 
-ha: setup ## The Sentinel suite on the lab (grown to three Redis hosts); FLEET_REDIS_SERVER=valkey on a fresh lab: on Valkey
+ha: setup ## The Sentinel suite on a fresh lab (it replaces the lab; leaves it on three Redis hosts); FLEET_REDIS_SERVER=valkey: on Valkey
+	$(LAB) down
 	$(LAB) up
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest -p no:cacheprovider tests/sentinel
 
